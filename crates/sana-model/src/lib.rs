@@ -1,0 +1,12 @@
+//! Sana in candle: the Linear DiT, DC-AE, Gemma-2 text encoder, samplers and weight loading.
+//!
+//! Ground truth is diffusers/transformers; every numeric module is tested for parity against
+//! reference tensors from `tools/gen_fixtures.py` (see `tests/fixtures/`).
+
+mod error;
+mod nn;
+pub mod ops;
+pub mod transformer;
+pub mod weights;
+
+pub use error::{Error, Result};

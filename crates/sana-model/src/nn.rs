@@ -1,0 +1,73 @@
+//! Small layers shared by the model files.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x Wᵀ + b` with the PyTorch weight layout `[out, in]`.
+///
+/// Unlike `candle_nn::Linear` it makes the input contiguous first: candle 0.11.1's CPU f32 batched
+/// matmul returns wrong values for a transposed (non-contiguous) left operand (found by the
+/// transformer parity tests), and a contiguous input is what the fast path wants anyway.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Wraps existing weights.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Loads `weight` `[out, in]` and `bias` `[out]`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), "weight")?,
+        Some(vb.get(out_dim, "bias")?),
+    ))
+}
+
+/// Loads `weight` `[out, in]` only.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn transposed_input_gives_the_same_result() -> Result<()> {
+        let dev = Device::Cpu;
+        let lin = Linear::new(Tensor::randn(0f32, 1., (6, 4), &dev)?, None);
+        let x = Tensor::randn(0f32, 1., (2, 4, 5), &dev)?.transpose(1, 2)?;
+        let a = lin.forward(&x)?;
+        let b = lin.forward(&x.contiguous()?)?;
+        let want = x
+            .contiguous()?
+            .matmul(&lin.weight.t()?.broadcast_left(2)?.contiguous()?)?;
+        for got in [a, b] {
+            let d = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-5, "diff {d}");
+        }
+        Ok(())
+    }
+}

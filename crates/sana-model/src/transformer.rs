@@ -1,0 +1,850 @@
+//! The Linear DiT: diffusers `SanaTransformer2DModel`
+//! (`diffusers/models/transformers/sana_transformer.py`, attention processors
+//! `SanaLinearAttnProcessor2_0` and `SanaAttnProcessor2_0`).
+//!
+//! ReLU linear self-attention (sums in f32), softmax cross-attention over the projected caption
+//! (f32 logits), a Mix-FFN with a 3×3 depthwise conv ([`crate::ops::depthwise_conv2d`]) and
+//! adaLN-single modulation. Optional parts, driven by `config.json`: 2-D sin-cos position embedding
+//! (`interpolation_scale`, 2K/4K), RMS q/k norms across heads (`qk_norm`, SANA-1.5 and Sprint) and a
+//! guidance embedding (`guidance_embeds`, Sprint). Tokens are row-major: token `n` is `(n / W, n % W)`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::nn::{linear, linear_no_bias, Linear};
+use serde::Deserialize;
+
+use crate::ops::depthwise_conv2d;
+use crate::weights::{read_config, Checkpoint};
+use crate::{Error, Result};
+
+fn default_in_channels() -> usize {
+    32
+}
+fn default_heads() -> usize {
+    70
+}
+fn default_head_dim() -> usize {
+    32
+}
+fn default_layers() -> usize {
+    20
+}
+fn default_cross_heads() -> Option<usize> {
+    Some(20)
+}
+fn default_cross_head_dim() -> Option<usize> {
+    Some(112)
+}
+fn default_cross_dim() -> Option<usize> {
+    Some(2240)
+}
+fn default_caption_channels() -> usize {
+    2304
+}
+fn default_mlp_ratio() -> f64 {
+    2.5
+}
+fn default_sample_size() -> usize {
+    32
+}
+fn default_patch_size() -> usize {
+    1
+}
+fn default_norm_eps() -> f64 {
+    1e-6
+}
+fn default_guidance_scale() -> f64 {
+    0.1
+}
+fn default_one() -> f64 {
+    1.0
+}
+
+/// `transformer/config.json`. Field names are the diffusers keys; defaults are diffusers'
+/// constructor defaults; unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SanaTransformerConfig {
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default = "out_channels_default")]
+    pub out_channels: Option<usize>,
+    #[serde(default = "default_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "default_layers")]
+    pub num_layers: usize,
+    #[serde(default = "default_cross_heads")]
+    pub num_cross_attention_heads: Option<usize>,
+    #[serde(default = "default_cross_head_dim")]
+    pub cross_attention_head_dim: Option<usize>,
+    #[serde(default = "default_cross_dim")]
+    pub cross_attention_dim: Option<usize>,
+    #[serde(default = "default_caption_channels")]
+    pub caption_channels: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    #[serde(default)]
+    pub norm_elementwise_affine: bool,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// `None` (or absent) ⇒ no position embedding; a number ⇒ 2-D sin-cos embedding.
+    #[serde(default)]
+    pub interpolation_scale: Option<f64>,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    /// Not used inside the model: the Sprint pipeline multiplies the guidance by it.
+    #[serde(default = "default_guidance_scale")]
+    pub guidance_embeds_scale: f64,
+    #[serde(default)]
+    pub qk_norm: Option<String>,
+    /// Not used inside the model: `SanaPipeline` multiplies timesteps by it.
+    #[serde(default = "default_one")]
+    pub timestep_scale: f64,
+}
+
+fn out_channels_default() -> Option<usize> {
+    Some(32)
+}
+
+impl SanaTransformerConfig {
+    /// Inner width D = heads × head dim.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Output channels (`out_channels or in_channels`, as diffusers).
+    pub fn out_channels(&self) -> usize {
+        match self.out_channels {
+            Some(0) | None => self.in_channels,
+            Some(c) => c,
+        }
+    }
+
+    /// Mix-FFN hidden width, `int(mlp_ratio · D)` as Python truncates it.
+    pub fn ffn_hidden(&self) -> usize {
+        (self.mlp_ratio * self.inner_dim() as f64) as usize
+    }
+
+    fn cross(&self) -> (usize, usize) {
+        // Validated to be Some in `validate`.
+        (
+            self.num_cross_attention_heads.unwrap_or(0),
+            self.cross_attention_head_dim.unwrap_or(0),
+        )
+    }
+
+    /// Refuses configs this implementation cannot serve, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let unsupported = |field: &'static str, value: String, reason: &str| {
+            Err(Error::Unsupported {
+                field,
+                value,
+                reason: reason.to_string(),
+            })
+        };
+        let d = self.inner_dim();
+        if d == 0 {
+            return unsupported(
+                "num_attention_heads",
+                self.num_attention_heads.to_string(),
+                "the model width num_attention_heads × attention_head_dim must be positive",
+            );
+        }
+        match self.qk_norm.as_deref() {
+            None | Some("rms_norm_across_heads") => {}
+            Some(other) => {
+                return unsupported(
+                    "qk_norm",
+                    format!("{other:?}"),
+                    "only null and \"rms_norm_across_heads\" are supported",
+                )
+            }
+        }
+        match self.cross_attention_dim {
+            Some(c) if c == d => {}
+            other => {
+                return unsupported(
+                    "cross_attention_dim",
+                    format!("{other:?}"),
+                    &format!("must equal the model width {d}: captions are projected to it"),
+                )
+            }
+        }
+        match (
+            self.num_cross_attention_heads,
+            self.cross_attention_head_dim,
+        ) {
+            (Some(h), Some(hd)) if h > 0 && hd > 0 => {}
+            (h, hd) => {
+                return unsupported(
+                    "num_cross_attention_heads",
+                    format!("{h:?} (cross_attention_head_dim {hd:?})"),
+                    "cross-attention needs positive head count and head dim",
+                )
+            }
+        }
+        if self.patch_size == 0 {
+            return unsupported("patch_size", "0".into(), "must be at least 1");
+        }
+        if self.ffn_hidden() == 0 {
+            return unsupported(
+                "mlp_ratio",
+                self.mlp_ratio.to_string(),
+                "gives an empty Mix-FFN",
+            );
+        }
+        if let Some(s) = self.interpolation_scale {
+            if !(s.is_finite() && s > 0.0) {
+                return unsupported("interpolation_scale", s.to_string(), "must be positive");
+            }
+            if d % 4 != 0 {
+                return unsupported(
+                    "interpolation_scale",
+                    s.to_string(),
+                    &format!("a 2-D sin-cos embedding needs the width {d} to be a multiple of 4"),
+                );
+            }
+            if self.sample_size / self.patch_size == 0 {
+                return unsupported(
+                    "sample_size",
+                    self.sample_size.to_string(),
+                    "position embedding needs sample_size ≥ patch_size",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of parameters the model has for this config (what the checkpoint must contain).
+    pub fn parameter_count(&self) -> usize {
+        let d = self.inner_dim();
+        let (ch, chd) = self.cross();
+        let cross = ch * chd;
+        let hf = self.ffn_hidden();
+        let p = self.patch_size;
+        let lin = |i: usize, o: usize, bias: bool| i * o + if bias { o } else { 0 };
+        let mut n = self.in_channels * p * p * d + d; // patch_embed
+        let t_mlp = lin(256, d, true) + lin(d, d, true);
+        n += t_mlp * if self.guidance_embeds { 2 } else { 1 } + lin(d, 6 * d, true);
+        n += lin(self.caption_channels, d, true) + lin(d, d, true) + d; // caption proj + norm
+        let mut block = 6 * d;
+        block += 3 * lin(d, d, self.attention_bias) + lin(d, d, true);
+        block += lin(d, cross, true) + 2 * lin(d, cross, true) + lin(cross, d, true);
+        block += lin(d, 2 * hf, true) + 2 * hf * 9 + 2 * hf + lin(hf, d, false);
+        if self.qk_norm.is_some() {
+            block += 2 * d + 2 * cross;
+        }
+        if self.norm_elementwise_affine {
+            block += 2 * d;
+        }
+        n += self.num_layers * block;
+        n + 2 * d + lin(d, p * p * self.out_channels(), true)
+    }
+}
+
+/// Normalises the last dim in f32 (no affine), cast back: `nn.LayerNorm(elementwise_affine=False)`.
+fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let d = xf.dim(D::Minus1)?;
+    let ones = Tensor::ones(d, DType::F32, x.device())?;
+    let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+    candle_nn::ops::layer_norm(&xf, &ones, &zeros, eps as f32)?.to_dtype(dtype)
+}
+
+/// diffusers `RMSNorm` with a weight: variance in f32, scaled in f32, cast, times the weight.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Sinusoidal timestep features (`Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`):
+/// `[cos(t·f) ++ sin(t·f)]`, `f_k = exp(−ln(10000)·k/128)`, computed in f32.
+fn timestep_features(t: &Tensor) -> candle_core::Result<Tensor> {
+    const HALF: usize = 128;
+    let freqs: Vec<f32> = (0..HALF)
+        .map(|k| (-(10000f32.ln()) * k as f32 / HALF as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, HALF), t.device())?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?; // [B, 128]
+    Tensor::cat(&[args.cos()?, args.sin()?], 1) // [B, 256]
+}
+
+/// `TimestepEmbedding`: linear_1 → SiLU → linear_2.
+#[derive(Debug, Clone)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear_1: linear(256, dim, vb.pp("linear_1"))?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    /// `t`: `[B]` float values → `[B, D]` in `dtype`.
+    fn forward(&self, t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let feat = timestep_features(t)?.to_dtype(dtype)?;
+        self.linear_2
+            .forward(&self.linear_1.forward(&feat)?.silu()?)
+    }
+}
+
+/// `AdaLayerNormSingle` (plain models) or `SanaCombinedTimestepGuidanceEmbeddings` (Sprint).
+#[derive(Debug, Clone)]
+struct TimeEmbed {
+    timestep_embedder: TimestepEmbedding,
+    guidance_embedder: Option<TimestepEmbedding>,
+    linear: Linear,
+}
+
+impl TimeEmbed {
+    fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.inner_dim();
+        let (timestep_embedder, guidance_embedder) = if cfg.guidance_embeds {
+            (
+                TimestepEmbedding::new(d, vb.pp("timestep_embedder"))?,
+                Some(TimestepEmbedding::new(d, vb.pp("guidance_embedder"))?),
+            )
+        } else {
+            (
+                TimestepEmbedding::new(d, vb.pp("emb.timestep_embedder"))?,
+                None,
+            )
+        };
+        Ok(Self {
+            timestep_embedder,
+            guidance_embedder,
+            linear: linear(d, 6 * d, vb.pp("linear"))?,
+        })
+    }
+
+    /// Returns (`t6` `[B, 6D]` for the blocks, `embedded_timestep` `[B, D]` for the final layer).
+    fn forward(
+        &self,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut e = self.timestep_embedder.forward(t, dtype)?;
+        match (&self.guidance_embedder, guidance) {
+            (Some(g_emb), Some(g)) => e = (e + g_emb.forward(g, dtype)?)?,
+            (Some(_), None) => {
+                candle_core::bail!("this model has a guidance embedding: pass a guidance value")
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("this model has no guidance embedding: guidance must be None")
+            }
+            (None, None) => {}
+        }
+        Ok((self.linear.forward(&e.silu()?)?, e))
+    }
+}
+
+/// 2-D sin-cos position embedding, diffusers `get_2d_sincos_pos_embed`, `[h·w, dim]` in f32.
+///
+/// Grid coordinates are f32 as torch computes them (`arange / (n / base) / scale`), the
+/// frequencies and products f64. The first half of each vector encodes the column, the second
+/// half the row.
+pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, base: usize, scale: f64) -> Vec<f32> {
+    let coords = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|i| (i as f32 / (n as f64 / base as f64) as f32 / scale as f32) as f64)
+            .collect()
+    };
+    let (rows, cols) = (coords(h), coords(w));
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
+    let mut out = Vec::with_capacity(h * w * dim);
+    for &r in &rows {
+        for &c in &cols {
+            for pos in [c, r] {
+                out.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                out.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// Self-attention with a ReLU kernel and no softmax (`SanaLinearAttnProcessor2_0`).
+#[derive(Debug, Clone)]
+struct LinearAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    heads: usize,
+}
+
+impl LinearAttention {
+    fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.inner_dim();
+        let lin = |name: &str| {
+            if cfg.attention_bias {
+                linear(d, d, vb.pp(name))
+            } else {
+                linear_no_bias(d, d, vb.pp(name))
+            }
+        };
+        let (norm_q, norm_k) = if cfg.qk_norm.is_some() {
+            (
+                Some(RmsNorm::new(d, 1e-5, vb.pp("norm_q"))?),
+                Some(RmsNorm::new(d, 1e-5, vb.pp("norm_k"))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: lin("to_q")?,
+            to_k: lin("to_k")?,
+            to_v: lin("to_v")?,
+            to_out: linear(d, d, vb.pp("to_out.0"))?,
+            norm_q,
+            norm_k,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `x`: `[B, N, D]` → `[B, N, D]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let mut q = self.to_q.forward(x)?;
+        let mut k = self.to_k.forward(x)?;
+        let v = self.to_v.forward(x)?;
+        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
+        // 1. ReLU kernel, then everything in f32 (the sums run over all N tokens).
+        let q = q.relu()?.to_dtype(DType::F32)?;
+        let k = k.relu()?.to_dtype(DType::F32)?;
+        let v = v.to_dtype(DType::F32)?;
+        // 2. Heads: q as [B, h, d, N]; k as [B, h, N, d]; v as [B, h, d, N].
+        let q = q
+            .reshape((b, n, self.heads, hd))?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let k = k
+            .reshape((b, n, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v.reshape((b, n, self.heads, hd))?.permute((0, 2, 3, 1))?;
+        // 3. Append a row of ones to v so one matmul also yields Σ_n k_n (the normaliser).
+        let ones = Tensor::ones((b, self.heads, 1, n), DType::F32, x.device())?;
+        let v = Tensor::cat(&[&v, &ones], 2)?.contiguous()?; // [B, h, d+1, N]
+        let s = v.matmul(&k)?; // [B, h, d+1, d]
+        let o = s.matmul(&q)?; // [B, h, d+1, N]
+        let num = o.narrow(2, 0, hd)?;
+        let den = (o.narrow(2, hd, 1)? + 1e-15)?;
+        let out = num.broadcast_div(&den)?; // [B, h, d, N]
+                                            // 4. Merge heads: channel = head·d + j → [B, N, D].
+        let out = out.reshape((b, d, n))?.transpose(1, 2)?.to_dtype(dtype)?;
+        let out = self.to_out.forward(&out)?;
+        if dtype == DType::F16 {
+            out.clamp(-65504f32, 65504f32)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// Softmax cross-attention from image tokens to caption tokens (`SanaAttnProcessor2_0`).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl CrossAttention {
+    fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.inner_dim();
+        let (heads, head_dim) = cfg.cross();
+        let inner = heads * head_dim;
+        let (norm_q, norm_k) = if cfg.qk_norm.is_some() {
+            (
+                Some(RmsNorm::new(inner, 1e-5, vb.pp("norm_q"))?),
+                Some(RmsNorm::new(inner, 1e-5, vb.pp("norm_k"))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: linear(d, inner, vb.pp("to_q"))?,
+            to_k: linear(d, inner, vb.pp("to_k"))?,
+            to_v: linear(d, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, d, vb.pp("to_out.0"))?,
+            norm_q,
+            norm_k,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// `x`: `[B, N, D]`, `y`: `[B, L, D]`, `bias`: `[B, 1, 1, L]` f32 additive → `[B, N, D]`.
+    fn forward(&self, x: &Tensor, y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let (b, n, _) = x.dims3()?;
+        let l = y.dim(1)?;
+        let mut q = self.to_q.forward(x)?;
+        let mut k = self.to_k.forward(y)?;
+        let v = self.to_v.forward(y)?;
+        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
+        let split = |t: Tensor, len: usize| -> candle_core::Result<Tensor> {
+            // [B, len, h·hd] → [B, h, len, hd], in f32 for the logits and the softmax.
+            t.reshape((b, len, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let logits = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?; // [B, h, N, L]
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let out = probs.matmul(&v)?; // [B, h, N, hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?
+            .to_dtype(dtype)?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// Mix-FFN: 1×1 expand, SiLU, 3×3 depthwise, GLU gate, 1×1 project (`GLUMBConv`, no norm/residual).
+#[derive(Debug, Clone)]
+struct GluMbConv {
+    inverted_w: Tensor, // [2Hf, D]
+    inverted_b: Tensor, // [2Hf]
+    depth_w: Tensor,    // [2Hf, 1, 3, 3]
+    depth_b: Tensor,    // [2Hf]
+    point_w: Tensor,    // [D, Hf]
+    hidden: usize,
+}
+
+impl GluMbConv {
+    fn new(d: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let inv = vb.pp("conv_inverted");
+        let depth = vb.pp("conv_depth");
+        Ok(Self {
+            inverted_w: inv
+                .get((2 * hidden, d, 1, 1), "weight")?
+                .reshape((2 * hidden, d))?,
+            inverted_b: inv.get(2 * hidden, "bias")?,
+            depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
+            depth_b: depth.get(2 * hidden, "bias")?,
+            point_w: vb
+                .pp("conv_point")
+                .get((d, hidden, 1, 1), "weight")?
+                .reshape((d, hidden))?,
+            hidden,
+        })
+    }
+
+    /// `x`: `[B, N, D]` tokens of an `h × w` grid → `[B, N, D]`.
+    fn forward(&self, x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        // 1. 1×1 conv as W·xᵀ gives channels-first directly: [2Hf, D] · [B, D, N] → [B, 2Hf, N].
+        let xt = x.transpose(1, 2)?.contiguous()?;
+        let a = self
+            .inverted_w
+            .broadcast_matmul(&xt)?
+            .broadcast_add(&self.inverted_b.reshape((1, 2 * self.hidden, 1))?)?
+            .silu()?;
+        // 2. Depthwise 3×3 on the [B, 2Hf, h, w] map.
+        let a = depthwise_conv2d(
+            &a.reshape((b, 2 * self.hidden, h, w))?,
+            &self.depth_w,
+            Some(&self.depth_b),
+            1,
+        )?;
+        // 3. GLU: first half times SiLU(second half).
+        let gated =
+            (a.narrow(1, 0, self.hidden)? * a.narrow(1, self.hidden, self.hidden)?.silu()?)?;
+        // 4. 1×1 projection back to D: [D, Hf] · [B, Hf, N] → [B, D, N] → [B, N, D].
+        let out = self
+            .point_w
+            .broadcast_matmul(&gated.reshape((b, self.hidden, n))?)?;
+        out.transpose(1, 2)?.contiguous()
+    }
+}
+
+/// `SanaTransformerBlock`.
+#[derive(Debug, Clone)]
+struct SanaTransformerBlock {
+    scale_shift_table: Tensor, // [6, D]
+    attn1: LinearAttention,
+    attn2: CrossAttention,
+    norm2_affine: Option<(Tensor, Tensor)>,
+    ff: GluMbConv,
+    eps: f64,
+}
+
+impl SanaTransformerBlock {
+    fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.inner_dim();
+        let norm2_affine = if cfg.norm_elementwise_affine {
+            Some((vb.get(d, "norm2.weight")?, vb.get(d, "norm2.bias")?))
+        } else {
+            None
+        };
+        Ok(Self {
+            scale_shift_table: vb.get((6, d), "scale_shift_table")?,
+            attn1: LinearAttention::new(cfg, vb.pp("attn1"))?,
+            attn2: CrossAttention::new(cfg, vb.pp("attn2"))?,
+            norm2_affine,
+            ff: GluMbConv::new(d, cfg.ffn_hidden(), vb.pp("ff"))?,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        bias: &Tensor,
+        t6: &Tensor,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        // 1. Modulation: table + t6 → shift/scale/gate for attention and FFN, each [B, 1, D].
+        let m = self
+            .scale_shift_table
+            .unsqueeze(0)?
+            .broadcast_add(&t6.reshape((b, 6, d))?)?;
+        let part = |i: usize| m.narrow(1, i, 1);
+        let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
+        // 2. Self-attention on the modulated LayerNorm.
+        let n = layer_norm_no_affine(x, self.eps)?
+            .broadcast_mul(&(scale_msa + 1.0)?)?
+            .broadcast_add(&shift_msa)?;
+        let x = (x + self.attn1.forward(&n)?.broadcast_mul(&gate_msa)?)?;
+        // 3. Cross-attention: no norm, no modulation, no gate.
+        let x = (&x + self.attn2.forward(&x, y, bias)?)?;
+        // 4. Mix-FFN on the modulated norm2.
+        let mut n = layer_norm_no_affine(&x, self.eps)?;
+        if let Some((wt, bi)) = &self.norm2_affine {
+            n = n.broadcast_mul(wt)?.broadcast_add(bi)?;
+        }
+        let n = n
+            .broadcast_mul(&(scale_mlp + 1.0)?)?
+            .broadcast_add(&shift_mlp)?;
+        &x + self.ff.forward(&n, h, w)?.broadcast_mul(&gate_mlp)?
+    }
+}
+
+/// Inputs of one transformer forward.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerInput<'a> {
+    /// Latents `[B, C, H, W]` (H, W multiples of the patch size).
+    pub hidden_states: &'a Tensor,
+    /// Text-encoder states `[B, L, caption_channels]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// `[B, L]`, 1 = keep, 0 = padding (any float or int dtype); `None` attends to every token.
+    pub encoder_attention_mask: Option<&'a Tensor>,
+    /// `[B]` timesteps as the model sees them (already multiplied by `timestep_scale`).
+    pub timestep: &'a Tensor,
+    /// `[B]` guidance values for guidance-embedding (Sprint) models, else `None`.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// diffusers `SanaTransformer2DModel`: predicts the flow velocity for latents.
+#[derive(Debug, Clone)]
+pub struct SanaTransformer2DModel {
+    cfg: SanaTransformerConfig,
+    patch_w: Tensor, // [D, C·p·p]
+    patch_b: Tensor, // [D]
+    time_embed: TimeEmbed,
+    caption_1: Linear,
+    caption_2: Linear,
+    caption_norm: RmsNorm,
+    blocks: Vec<SanaTransformerBlock>,
+    scale_shift_table: Tensor, // [2, D]
+    proj_out: Linear,
+    dtype: DType,
+}
+
+impl SanaTransformer2DModel {
+    /// Builds the model from a `VarBuilder` whose keys are the diffusers names.
+    pub fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.inner_dim();
+        let p = cfg.patch_size;
+        let pe = vb.pp("patch_embed.proj");
+        let blocks = (0..cfg.num_layers)
+            .map(|i| SanaTransformerBlock::new(cfg, vb.pp(format!("transformer_blocks.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_w: pe
+                .get((d, cfg.in_channels, p, p), "weight")?
+                .reshape((d, cfg.in_channels * p * p))?,
+            patch_b: pe.get(d, "bias")?,
+            time_embed: TimeEmbed::new(cfg, vb.pp("time_embed"))?,
+            caption_1: linear(
+                cfg.caption_channels,
+                d,
+                vb.pp("caption_projection.linear_1"),
+            )?,
+            caption_2: linear(d, d, vb.pp("caption_projection.linear_2"))?,
+            caption_norm: RmsNorm::new(d, 1e-5, vb.pp("caption_norm"))?,
+            blocks,
+            scale_shift_table: vb.get((2, d), "scale_shift_table")?,
+            proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
+            dtype: vb.dtype(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Loads `config.json` and the weights of a diffusers `transformer/` folder.
+    ///
+    /// `variant` (e.g. `"bf16"`) prefers `diffusion_pytorch_model.<variant>.safetensors` when present.
+    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg: SanaTransformerConfig = read_config(&dir.join("config.json"))?;
+        cfg.validate()?;
+        let ckpt = Checkpoint::open_dir(dir, "diffusion_pytorch_model", variant)?;
+        let model = Self::new(&cfg, ckpt.var_builder(dtype, device))?;
+        ckpt.warn_unused("transformer");
+        Ok(model)
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &SanaTransformerConfig {
+        &self.cfg
+    }
+
+    /// The dtype the weights were loaded in (activations run in it too).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// One forward pass → velocity `[B, out_channels, H, W]` in the model dtype.
+    pub fn forward(&self, input: &TransformerInput) -> Result<Tensor> {
+        let _span = tracing::trace_span!("sana_transformer").entered();
+        let x = input.hidden_states.to_dtype(self.dtype)?;
+        let (b, c, hh, ww) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "latents {:?} do not fit the model: want [B, {}, H, W] with H and W multiples of {p}",
+                x.dims(),
+                self.cfg.in_channels
+            ))));
+        }
+        let (h, w) = (hh / p, ww / p);
+        let n = h * w;
+        let d = self.cfg.inner_dim();
+        // 1. Patch embed: [B, C, h·p, w·p] → [B, h, w, C, p, p] → [B, N, C·p·p] → [B, N, D].
+        let patches = x
+            .reshape((b, c, h, p, w, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, n, c * p * p))?;
+        let mut hs = patches
+            .broadcast_matmul(&self.patch_w.t()?)?
+            .broadcast_add(&self.patch_b)?;
+        // 2. Position embedding (2K/4K models), added in f32 then cast back.
+        if let Some(scale) = self.cfg.interpolation_scale {
+            let base = self.cfg.sample_size / p;
+            let pe = Tensor::from_vec(
+                sincos_pos_embed(d, h, w, base, scale),
+                (1, n, d),
+                x.device(),
+            )?;
+            hs = hs
+                .to_dtype(DType::F32)?
+                .broadcast_add(&pe)?
+                .to_dtype(self.dtype)?;
+        }
+        // 3. Timestep (and guidance) embedding.
+        let (t6, embedded) = self
+            .time_embed
+            .forward(input.timestep, input.guidance, self.dtype)?;
+        // 4. Caption projection and norm: [B, L, caption_channels] → [B, L, D].
+        let y = input.encoder_hidden_states.to_dtype(self.dtype)?;
+        let l = y.dim(1)?;
+        let y = self
+            .caption_2
+            .forward(&self.caption_1.forward(&y)?.gelu()?)?;
+        let y = self.caption_norm.forward(&y)?;
+        // 5. Mask → additive bias [B, 1, 1, L]: (1 − m)·(−10000), in the model dtype as diffusers.
+        let bias = match input.encoder_attention_mask {
+            Some(m) => ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
+                .to_dtype(DType::F32)?
+                .reshape((b, 1, 1, l))?,
+            None => Tensor::zeros((b, 1, 1, l), DType::F32, x.device())?,
+        };
+        // 6. Blocks.
+        for block in &self.blocks {
+            hs = block.forward(&hs, &y, &bias, &t6, h, w)?;
+        }
+        // 7. Final layer: shift first, then scale, from the un-projected timestep embedding.
+        let m = self
+            .scale_shift_table
+            .unsqueeze(0)?
+            .broadcast_add(&embedded.unsqueeze(1)?)?; // [B, 2, D]
+        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+        let hs = layer_norm_no_affine(&hs, 1e-6)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(&shift)?;
+        let out = self.proj_out.forward(&hs)?; // [B, N, p·p·C_out]
+                                               // 8. Unpatchify: [B, h, w, p, p, C] → [B, C, h, p, w, p] → [B, C, h·p, w·p].
+        let co = self.cfg.out_channels();
+        Ok(out
+            .reshape((b, h, w, p, p, co))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, co, hh, ww))?)
+    }
+}

@@ -1,0 +1,223 @@
+//! Finding, opening and validating checkpoint files in the Hugging Face layouts.
+//!
+//! A component folder (`transformer/`, `vae/`, `text_encoder/`) holds either one
+//! `<stem>[.<variant>].safetensors` or shards `<stem>[.<variant>]-0000K-of-0000N.safetensors` listed by
+//! `<stem>.safetensors.index[.<variant>].json` (diffusers and transformers name variants the same way;
+//! the stem is `diffusion_pytorch_model` for diffusers models and `model` for transformers models).
+//!
+//! Tensors are memory-mapped and converted to the requested dtype when a module asks for them; the
+//! file's own dtype (read from the header) is never inferred from the file name. Every lookup is
+//! checked against the header first, so a missing tensor or a wrong shape fails while the model is
+//! being built, naming the checkpoint key and both shapes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::Error;
+
+/// Reads and parses a component's `config.json` (or any JSON config file) into `T`.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The safetensors files of one component, in shard order.
+pub fn find_weight_files(
+    dir: &Path,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>, Error> {
+    if let Some(variant) = variant {
+        if let Some(files) = find_with(dir, stem, Some(variant))? {
+            return Ok(files);
+        }
+        tracing::info!(dir = %dir.display(), variant, "no variant weights; using the default files");
+    }
+    find_with(dir, stem, None)?.ok_or_else(|| Error::NoWeights {
+        dir: dir.to_path_buf(),
+        expected: match variant {
+            Some(v) => format!(
+                "{stem}.{v}.safetensors, {stem}.safetensors.index.{v}.json, {stem}.safetensors or {stem}.safetensors.index.json"
+            ),
+            None => format!("{stem}.safetensors or {stem}.safetensors.index.json"),
+        },
+    })
+}
+
+fn find_with(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Option<Vec<PathBuf>>, Error> {
+    let (single, index) = match variant {
+        Some(v) => (
+            dir.join(format!("{stem}.{v}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.{v}.json")),
+        ),
+        None => (
+            dir.join(format!("{stem}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.json")),
+        ),
+    };
+    if single.is_file() {
+        return Ok(Some(vec![single]));
+    }
+    if !index.is_file() {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::HashMap<String, String>,
+    }
+    let idx: Index = read_config(&index)?;
+    let shards: BTreeSet<&String> = idx.weight_map.values().collect();
+    let files: Vec<PathBuf> = shards.into_iter().map(|s| dir.join(s)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(Error::Weights(format!(
+            "{} lists shard {} which does not exist",
+            index.display(),
+            missing.display()
+        )));
+    }
+    Ok(Some(files))
+}
+
+struct Inner {
+    st: MmapedSafetensors,
+    label: String,
+    used: Mutex<BTreeSet<String>>,
+}
+
+/// Memory-mapped safetensors files seen as one checkpoint.
+///
+/// Cloning is cheap (shared). [`Checkpoint::var_builder`] hands modules a `VarBuilder` that checks
+/// each tensor's shape against the header before reading it and records which keys were used.
+#[derive(Clone)]
+pub struct Checkpoint(Arc<Inner>);
+
+impl Checkpoint {
+    /// Opens (memory-maps) the given files.
+    pub fn open(files: &[PathBuf]) -> Result<Self, Error> {
+        // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on nobody
+        // truncating them while the process runs.
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            Error::Weights(format!(
+                "cannot read safetensors {}: {e}",
+                display_files(files)
+            ))
+        })?;
+        Ok(Self(Arc::new(Inner {
+            st,
+            label: display_files(files),
+            used: Mutex::new(BTreeSet::new()),
+        })))
+    }
+
+    /// Opens the weights of a component folder (see the module docs for the accepted names).
+    pub fn open_dir(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Self, Error> {
+        Self::open(&find_weight_files(dir, stem, variant)?)
+    }
+
+    /// A `VarBuilder` that converts every tensor to `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub fn keys(&self) -> Vec<String> {
+        self.0.st.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Names present in the checkpoint that no module asked for, sorted.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used = self
+            .0
+            .used
+            .lock()
+            .expect("weights mutex poisoned; this is a bug");
+        let mut keys: Vec<String> = self
+            .keys()
+            .into_iter()
+            .filter(|k| !used.contains(k))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Logs the keys nobody asked for (a config/checkpoint mismatch worth knowing about).
+    pub fn warn_unused(&self, component: &str) {
+        let unused = self.unused_keys();
+        if !unused.is_empty() {
+            tracing::warn!(
+                component,
+                count = unused.len(),
+                first = %unused.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                "checkpoint tensors not used by the model"
+            );
+        }
+    }
+
+    fn header_shape(&self, name: &str) -> Option<Shape> {
+        self.0
+            .st
+            .get(name)
+            .ok()
+            .map(|v| Shape::from(v.shape().to_vec()))
+    }
+}
+
+fn display_files(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        [first, ..] => format!("{} (+{} shards)", first.display(), files.len() - 1),
+        [] => "<no files>".to_string(),
+    }
+}
+
+impl SimpleBackend for Checkpoint {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.header_shape(name) {
+            None => candle_core::bail!(
+                "checkpoint {}: missing tensor `{name}` (the model expects shape {:?})",
+                self.0.label,
+                s.dims()
+            ),
+            Some(got) if got != s => candle_core::bail!(
+                "checkpoint {}: tensor `{name}` has shape {:?} but the model expects {:?}",
+                self.0.label,
+                got.dims(),
+                s.dims()
+            ),
+            Some(_) => self.get_unchecked(name, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.st.load(name, dev)?.to_dtype(dtype)?;
+        self.0
+            .used
+            .lock()
+            .expect("weights mutex poisoned; this is a bug")
+            .insert(name.to_string());
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.st.get(name).is_ok()
+    }
+}

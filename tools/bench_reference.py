@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Time the Python reference implementation of one Sana part, as a baseline for the Rust numbers.
+
+Usage: python tools/bench_reference.py PART [options]     (python tools/bench_reference.py PART --help)
+
+    python tools/bench_reference.py transformer --config tests/fixtures/real-configs/transformer/Sana_600M_512px.json \
+        --latent 16 16 --batch 2 --text-len 300 --warmup 1 --repeat 3 --threads 2
+
+Prints one JSON line to stdout:
+    {"impl": "diffusers", "part": ..., "ms_mean": ..., "ms_min": ..., "repeat": ..., "torch": ..., "threads": ...}
+Weights are random (the timing does not depend on them), f32, on the CPU. Each part is a subcommand: a function
+that adds its arguments and a function that builds the model and returns a zero-argument callable to time.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def transformer_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="a SanaTransformer2DModel config.json")
+    parser.add_argument("--latent", nargs=2, type=int, required=True, metavar=("H", "W"), help="latent grid size")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--text-len", type=int, default=300)
+
+
+def transformer_setup(args: argparse.Namespace):
+    from diffusers import SanaTransformer2DModel
+
+    with open(args.config) as f:
+        model = SanaTransformer2DModel.from_config(json.load(f)).eval()
+    cfg = model.config
+    height, width = args.latent
+    inputs = dict(
+        hidden_states=torch.randn(args.batch, cfg.in_channels, height, width),
+        encoder_hidden_states=torch.randn(args.batch, args.text_len, cfg.caption_channels),
+        encoder_attention_mask=torch.ones(args.batch, args.text_len),
+        timestep=torch.full((args.batch,), 0.5 if cfg.guidance_embeds else 500.0),
+        guidance=torch.full((args.batch,), 0.45) if cfg.guidance_embeds else None,
+        return_dict=False,
+    )
+    return lambda: model(**inputs)
+
+
+PARTS = {"transformer": (transformer_args, transformer_setup)}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="part", required=True)
+    for name, (add_args, _) in PARTS.items():
+        sub = subparsers.add_parser(name)
+        add_args(sub)
+        sub.add_argument("--warmup", type=int, default=1)
+        sub.add_argument("--repeat", type=int, default=3)
+        sub.add_argument("--threads", type=int, default=torch.get_num_threads())
+        sub.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = PARTS[args.part][1](args)
+    times_ms = []
+    with torch.inference_mode():
+        for i in range(args.warmup + args.repeat):
+            start = time.perf_counter()
+            run()
+            if i >= args.warmup:
+                times_ms.append((time.perf_counter() - start) * 1e3)
+    print(
+        json.dumps(
+            {
+                "impl": "diffusers",
+                "part": args.part,
+                "ms_mean": round(statistics.mean(times_ms), 3),
+                "ms_min": round(min(times_ms), 3),
+                "repeat": args.repeat,
+                "torch": torch.__version__,
+                "threads": args.threads,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
