@@ -1,0 +1,373 @@
+//! A request as the server hands it over, and its check against the model and the engine limits.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sana_backend::{cfg_enabled, BatchItem, BatchKey, ModelInfo, Sampler};
+
+use crate::config::{BatchLimits, EngineConfig};
+use crate::error::ValidationError;
+
+/// What a client asks for. Unset fields take the model's defaults ([`ModelInfo`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt; required, not blank.
+    pub prompt: String,
+    /// Prompt of the unconditional CFG branch; the empty prompt when `None`.
+    pub negative_prompt: Option<String>,
+    /// Number of images, `1..=max_n`; they share the prompt, image `i` uses seed `seed + i`.
+    pub n: u32,
+    /// Width in pixels; [`ModelInfo::default_width`] when `None`.
+    pub width: Option<u32>,
+    /// Height in pixels; [`ModelInfo::default_height`] when `None`.
+    pub height: Option<u32>,
+    /// Denoising steps; [`ModelInfo::default_steps`] when `None`.
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (`> 1` turns CFG on); [`ModelInfo::default_guidance_scale`]
+    /// when `None`.
+    pub guidance_scale: Option<f32>,
+    /// Sampler; [`ModelInfo::default_sampler`] when `None`.
+    pub sampler: Option<Sampler>,
+    /// Base seed; a random one when `None` (reported back in the result).
+    pub seed: Option<u64>,
+    /// Preview images per generated image while denoising, `0..=max_previews`.
+    pub previews: u32,
+}
+
+impl GenerateRequest {
+    /// One image of `prompt` with every other field at its default.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            n: 1,
+            width: None,
+            height: None,
+            steps: None,
+            guidance_scale: None,
+            sampler: None,
+            seed: None,
+            previews: 0,
+        }
+    }
+}
+
+/// A checked request: its batch key and its batch item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// What a batch mate must share.
+    pub key: BatchKey,
+    /// This request's part of a batch (seed resolved).
+    pub item: BatchItem,
+}
+
+/// Checks `req` against the model and the engine limits and fills in defaults.
+pub fn validate(
+    req: GenerateRequest,
+    info: &ModelInfo,
+    config: &EngineConfig,
+    limits: &BatchLimits,
+) -> Result<ValidRequest, ValidationError> {
+    if req.prompt.trim().is_empty() {
+        return Err(ValidationError::new(
+            "prompt",
+            "`prompt` is empty; describe the image to generate",
+        ));
+    }
+    check_chars("prompt", &req.prompt, config.max_prompt_chars)?;
+    if let Some(negative) = &req.negative_prompt {
+        check_chars("negative_prompt", negative, config.max_prompt_chars)?;
+    }
+    if req.n == 0 || req.n > config.max_n {
+        return Err(ValidationError::new(
+            "n",
+            format!(
+                "`n` must be between 1 and {}, got {}; ask for fewer images per request",
+                config.max_n, req.n
+            ),
+        ));
+    }
+    let width = req.width.unwrap_or(info.default_width);
+    let height = req.height.unwrap_or(info.default_height);
+    check_side("width", width, info.min_width, info.max_width, info)?;
+    check_side("height", height, info.min_height, info.max_height, info)?;
+    let steps = req.steps.unwrap_or(info.default_steps);
+    if steps == 0 || steps > config.max_steps {
+        return Err(ValidationError::new(
+            "steps",
+            format!(
+                "`steps` must be between 1 and {}, got {steps}",
+                config.max_steps
+            ),
+        ));
+    }
+    let guidance_scale = req.guidance_scale.unwrap_or(info.default_guidance_scale);
+    if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+        return Err(ValidationError::new(
+            "guidance_scale",
+            format!(
+                "`guidance_scale` must be a finite number ≥ 0 (values ≤ 1 turn guidance off), got {guidance_scale}"
+            ),
+        ));
+    }
+    let sampler = req.sampler.unwrap_or(info.default_sampler);
+    if !info.samplers.contains(&sampler) {
+        let known: Vec<&str> = info.samplers.iter().map(|s| s.as_str()).collect();
+        return Err(ValidationError::new(
+            "sampler",
+            format!(
+                "sampler `{sampler}` is not available for {}; use one of: {}",
+                info.model_id,
+                known.join(", ")
+            ),
+        ));
+    }
+    if req.previews > config.max_previews {
+        return Err(ValidationError::new(
+            "previews",
+            format!(
+                "at most {} preview images may be asked for, got {}",
+                config.max_previews, req.previews
+            ),
+        ));
+    }
+    let key = BatchKey {
+        width,
+        height,
+        steps,
+        sampler,
+        cfg: cfg_enabled(guidance_scale),
+    };
+    let tokens = key.latent_tokens_per_image() * req.n as usize;
+    if tokens > limits.max_latent_tokens {
+        return Err(ValidationError::new(
+            "n",
+            format!(
+                "{} image(s) of {width}x{height}{} need {tokens} latent tokens, above this server's \
+                 batch limit of {}; ask for fewer images or a smaller size",
+                req.n,
+                if key.cfg { " with guidance" } else { "" },
+                limits.max_latent_tokens
+            ),
+        ));
+    }
+    Ok(ValidRequest {
+        key,
+        item: BatchItem {
+            prompt: req.prompt,
+            negative_prompt: req.negative_prompt,
+            n: req.n,
+            seed: req.seed.unwrap_or_else(random_seed),
+            guidance_scale,
+            previews: req.previews,
+        },
+    })
+}
+
+fn check_chars(param: &'static str, text: &str, max: usize) -> Result<(), ValidationError> {
+    let chars = text.chars().count();
+    if chars > max {
+        return Err(ValidationError::new(
+            param,
+            format!("`{param}` has {chars} characters, above the limit of {max}; shorten it"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_side(
+    param: &'static str,
+    value: u32,
+    min: u32,
+    max: u32,
+    info: &ModelInfo,
+) -> Result<(), ValidationError> {
+    let multiple = info.size_multiple.max(1);
+    if value < min || value > max || !value.is_multiple_of(multiple) {
+        return Err(ValidationError::new(
+            param,
+            format!(
+                "`{param}` must be a multiple of {multiple} between {min} and {max}, got {value}; \
+                 the nearest valid value is {}",
+                nearest_valid(value, min, max, multiple)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn nearest_valid(value: u32, min: u32, max: u32, multiple: u32) -> u32 {
+    let rounded = (value.saturating_add(multiple / 2) / multiple) * multiple;
+    let lowest = min.div_ceil(multiple) * multiple;
+    let highest = (max / multiple) * multiple;
+    rounded.clamp(lowest, highest.max(lowest))
+}
+
+/// A seed nobody chose: process-random keys hashed with a counter.
+fn random_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeBackend;
+    use sana_backend::Backend;
+
+    fn check(req: GenerateRequest) -> Result<ValidRequest, ValidationError> {
+        let info = FakeBackend::new().info();
+        let config = EngineConfig {
+            max_batch_latent_tokens: Some(4 * 2 * 32 * 32),
+            ..EngineConfig::default()
+        };
+        let limits = BatchLimits::new(&config, &info).expect("valid config");
+        validate(req, &info, &config, &limits)
+    }
+
+    fn param_of(req: GenerateRequest) -> Option<&'static str> {
+        check(req).expect_err("must be rejected").param
+    }
+
+    #[test]
+    fn defaults_come_from_the_model() {
+        let info = FakeBackend::new().info();
+        let valid = check(GenerateRequest::new("a fox")).expect("valid");
+        assert_eq!(valid.key.width, info.default_width);
+        assert_eq!(valid.key.height, info.default_height);
+        assert_eq!(valid.key.steps, info.default_steps);
+        assert_eq!(valid.key.sampler, info.default_sampler);
+        assert_eq!(valid.item.guidance_scale, info.default_guidance_scale);
+        assert_eq!(valid.key.cfg, info.default_guidance_scale > 1.0);
+    }
+
+    #[test]
+    fn guidance_at_most_one_turns_cfg_off() {
+        let valid = check(GenerateRequest {
+            guidance_scale: Some(1.0),
+            ..GenerateRequest::new("a fox")
+        })
+        .expect("valid");
+        assert!(!valid.key.cfg);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let base = || GenerateRequest::new("a fox");
+        assert_eq!(param_of(GenerateRequest::new("  ")), Some("prompt"));
+        assert_eq!(
+            param_of(GenerateRequest::new("x".repeat(8193))),
+            Some("prompt")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                negative_prompt: Some("x".repeat(8193)),
+                ..base()
+            }),
+            Some("negative_prompt")
+        );
+        assert_eq!(param_of(GenerateRequest { n: 0, ..base() }), Some("n"));
+        assert_eq!(param_of(GenerateRequest { n: 5, ..base() }), Some("n"));
+        assert_eq!(
+            param_of(GenerateRequest {
+                width: Some(500),
+                ..base()
+            }),
+            Some("width")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                height: Some(8192),
+                ..base()
+            }),
+            Some("height")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                steps: Some(0),
+                ..base()
+            }),
+            Some("steps")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                steps: Some(101),
+                ..base()
+            }),
+            Some("steps")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                guidance_scale: Some(f32::NAN),
+                ..base()
+            }),
+            Some("guidance_scale")
+        );
+        assert_eq!(
+            param_of(GenerateRequest {
+                previews: 4,
+                ..base()
+            }),
+            Some("previews")
+        );
+    }
+
+    #[test]
+    fn messages_name_the_limit_and_the_value() {
+        let err = check(GenerateRequest {
+            width: Some(500),
+            ..GenerateRequest::new("a fox")
+        })
+        .expect_err("500 is not a multiple of 32");
+        assert!(err.message.contains("500"), "{}", err.message);
+        assert!(err.message.contains("multiple of 32"), "{}", err.message);
+        assert!(
+            err.message.contains("nearest valid value is 512"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn a_request_above_the_token_budget_is_refused() {
+        // Budget: 4 CFG images of 1024²; 4 at 1024² with CFG fit, at 1024x2048 they don't.
+        assert!(check(GenerateRequest {
+            n: 4,
+            width: Some(1024),
+            height: Some(1024),
+            ..GenerateRequest::new("a fox")
+        })
+        .is_ok());
+        assert_eq!(
+            param_of(GenerateRequest {
+                n: 4,
+                width: Some(1024),
+                height: Some(2048),
+                ..GenerateRequest::new("a fox")
+            }),
+            Some("n")
+        );
+    }
+
+    #[test]
+    fn a_given_seed_is_kept_and_a_missing_one_is_drawn() {
+        let valid = check(GenerateRequest {
+            seed: Some(42),
+            ..GenerateRequest::new("a fox")
+        })
+        .expect("valid");
+        assert_eq!(valid.item.seed, 42);
+        let a = check(GenerateRequest::new("a fox"))
+            .expect("valid")
+            .item
+            .seed;
+        let b = check(GenerateRequest::new("a fox"))
+            .expect("valid")
+            .item
+            .seed;
+        assert_ne!(a, b, "two random seeds in a row should differ");
+    }
+}
