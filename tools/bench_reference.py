@@ -7,7 +7,7 @@ Usage: python tools/bench_reference.py PART [options]     (python tools/bench_re
         --latent 16 16 --batch 2 --text-len 300 --warmup 1 --repeat 3 --threads 2
 
 Prints one JSON line to stdout:
-    {"impl": "diffusers", "part": ..., "ms_mean": ..., "ms_min": ..., "repeat": ..., "torch": ..., "threads": ...}
+    {"impl": "diffusers" | "torch", "part": ..., "ms_mean": ..., "ms_min": ..., "repeat": ..., "torch": ..., "threads": ...}
 Weights are random (the timing does not depend on them), f32, on the CPU. Each part is a subcommand: a function
 that adds its arguments and a function that builds the model and returns a zero-argument callable to time.
 """
@@ -45,13 +45,34 @@ def transformer_setup(args: argparse.Namespace):
     return lambda: model(**inputs)
 
 
-PARTS = {"transformer": (transformer_args, transformer_setup)}
+def depthwise_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--channels", type=int, required=True)
+    parser.add_argument("--size", nargs=2, type=int, required=True, metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--kernel", type=int, default=3)
+
+
+def depthwise_setup(args: argparse.Namespace):
+    import torch.nn.functional as F
+
+    c, k = args.channels, args.kernel
+    x = torch.randn(args.batch, c, *args.size)
+    w = torch.randn(c, 1, k, k)
+    b = torch.randn(c)
+    return lambda: F.conv2d(x, w, b, padding=k // 2, groups=c)
+
+
+# part name -> (add its arguments, build a callable to time, what is being timed)
+PARTS = {
+    "transformer": (transformer_args, transformer_setup, "diffusers"),
+    "depthwise": (depthwise_args, depthwise_setup, "torch"),
+}
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="part", required=True)
-    for name, (add_args, _) in PARTS.items():
+    for name, (add_args, _, _) in PARTS.items():
         sub = subparsers.add_parser(name)
         add_args(sub)
         sub.add_argument("--warmup", type=int, default=1)
@@ -73,7 +94,7 @@ def main(argv):
     print(
         json.dumps(
             {
-                "impl": "diffusers",
+                "impl": PARTS[args.part][2],
                 "part": args.part,
                 "ms_mean": round(statistics.mean(times_ms), 3),
                 "ms_min": round(min(times_ms), 3),

@@ -28,6 +28,9 @@ pub enum Error {
     /// A checkpoint cannot be read or does not match the model.
     #[error("{0}")]
     Weights(String),
+    /// A sampler config or schedule request was refused.
+    #[error(transparent)]
+    Scheduler(#[from] crate::scheduler::SchedulerError),
     /// A tensor operation failed (includes missing tensors and shape mismatches at load).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -6,6 +6,7 @@
 mod error;
 mod nn;
 pub mod ops;
+pub mod scheduler;
 pub mod transformer;
 pub mod weights;
 

@@ -19,12 +19,35 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
+
+    /// Several layers reading the same input as one (outputs concatenated in order), so one
+    /// larger matmul replaces several smaller ones.
+    pub fn fuse(layers: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let bias = if layers.iter().all(|l| l.bias.is_some()) {
+            let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if layers.iter().all(|l| l.bias.is_none()) {
+            None
+        } else {
+            candle_core::bail!("cannot fuse linear layers with and without bias")
+        };
+        Ok(Self::new(Tensor::cat(&weights, 0)?, bias))
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        // One 2-D gemm over all leading dims: [.., in] → [rows, in] · [in, out] → [.., out].
+        let dims = x.dims();
+        let (rows, in_dim) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("input has at least one dim") = self.weight.dim(0)?;
+        let y = x
+            .contiguous()?
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .reshape(out_dims)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

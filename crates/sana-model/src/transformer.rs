@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use crate::nn::{linear, linear_no_bias, Linear};
 use serde::Deserialize;
 
-use crate::ops::depthwise_conv2d;
+use crate::ops::{glu_depthwise_conv2d_nhwc, linear_attention};
 use crate::weights::{read_config, Checkpoint};
 use crate::{Error, Result};
 
@@ -209,7 +209,7 @@ impl SanaTransformerConfig {
             if !(s.is_finite() && s > 0.0) {
                 return unsupported("interpolation_scale", s.to_string(), "must be positive");
             }
-            if d % 4 != 0 {
+            if !d.is_multiple_of(4) {
                 return unsupported(
                     "interpolation_scale",
                     s.to_string(),
@@ -410,9 +410,8 @@ pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, base: usize, scale: f64)
 /// Self-attention with a ReLU kernel and no softmax (`SanaLinearAttnProcessor2_0`).
 #[derive(Debug, Clone)]
 struct LinearAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// `to_q`, `to_k`, `to_v` fused into one `[3D, D]` projection.
+    to_qkv: Linear,
     to_out: Linear,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
@@ -438,9 +437,7 @@ impl LinearAttention {
             (None, None)
         };
         Ok(Self {
-            to_q: lin("to_q")?,
-            to_k: lin("to_k")?,
-            to_v: lin("to_v")?,
+            to_qkv: Linear::fuse(&[lin("to_q")?, lin("to_k")?, lin("to_v")?])?,
             to_out: linear(d, d, vb.pp("to_out.0"))?,
             norm_q,
             norm_k,
@@ -451,39 +448,17 @@ impl LinearAttention {
     /// `x`: `[B, N, D]` → `[B, N, D]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let mut q = self.to_q.forward(x)?;
-        let mut k = self.to_k.forward(x)?;
-        let v = self.to_v.forward(x)?;
+        let d = x.dim(2)?;
+        let qkv = self.to_qkv.forward(x)?; // [B, N, 3D]
+        let mut q = qkv.narrow(2, 0, d)?;
+        let mut k = qkv.narrow(2, d, d)?;
+        let v = qkv.narrow(2, 2 * d, d)?;
         if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
         }
-        // 1. ReLU kernel, then everything in f32 (the sums run over all N tokens).
-        let q = q.relu()?.to_dtype(DType::F32)?;
-        let k = k.relu()?.to_dtype(DType::F32)?;
-        let v = v.to_dtype(DType::F32)?;
-        // 2. Heads: q as [B, h, d, N]; k as [B, h, N, d]; v as [B, h, d, N].
-        let q = q
-            .reshape((b, n, self.heads, hd))?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?;
-        let k = k
-            .reshape((b, n, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v.reshape((b, n, self.heads, hd))?.permute((0, 2, 3, 1))?;
-        // 3. Append a row of ones to v so one matmul also yields Σ_n k_n (the normaliser).
-        let ones = Tensor::ones((b, self.heads, 1, n), DType::F32, x.device())?;
-        let v = Tensor::cat(&[&v, &ones], 2)?.contiguous()?; // [B, h, d+1, N]
-        let s = v.matmul(&k)?; // [B, h, d+1, d]
-        let o = s.matmul(&q)?; // [B, h, d+1, N]
-        let num = o.narrow(2, 0, hd)?;
-        let den = (o.narrow(2, hd, 1)? + 1e-15)?;
-        let out = num.broadcast_div(&den)?; // [B, h, d, N]
-                                            // 4. Merge heads: channel = head·d + j → [B, N, D].
-        let out = out.reshape((b, d, n))?.transpose(1, 2)?.to_dtype(dtype)?;
+        // ReLU kernel, sums in f32 over all N tokens, heads merged back to [B, N, D].
+        let out = linear_attention(&q, &k, &v, self.heads)?;
         let out = self.to_out.forward(&out)?;
         if dtype == DType::F16 {
             out.clamp(-65504f32, 65504f32)
@@ -497,8 +472,8 @@ impl LinearAttention {
 #[derive(Debug, Clone)]
 struct CrossAttention {
     to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// `to_k` and `to_v` fused into one `[2·inner, D]` projection.
+    to_kv: Linear,
     to_out: Linear,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
@@ -521,8 +496,10 @@ impl CrossAttention {
         };
         Ok(Self {
             to_q: linear(d, inner, vb.pp("to_q"))?,
-            to_k: linear(d, inner, vb.pp("to_k"))?,
-            to_v: linear(d, inner, vb.pp("to_v"))?,
+            to_kv: Linear::fuse(&[
+                linear(d, inner, vb.pp("to_k"))?,
+                linear(d, inner, vb.pp("to_v"))?,
+            ])?,
             to_out: linear(inner, d, vb.pp("to_out.0"))?,
             norm_q,
             norm_k,
@@ -531,14 +508,22 @@ impl CrossAttention {
         })
     }
 
-    /// `x`: `[B, N, D]`, `y`: `[B, L, D]`, `bias`: `[B, 1, 1, L]` f32 additive → `[B, N, D]`.
-    fn forward(&self, x: &Tensor, y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: `[B, N, D]`, `y`: `[B, L, D]`, `bias`: `[B, 1, 1, L]` f32 additive (`None` when no
+    /// token is masked) → `[B, N, D]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (b, n, _) = x.dims3()?;
         let l = y.dim(1)?;
+        let inner = self.heads * self.head_dim;
         let mut q = self.to_q.forward(x)?;
-        let mut k = self.to_k.forward(y)?;
-        let v = self.to_v.forward(y)?;
+        let kv = self.to_kv.forward(y)?; // [B, L, 2·inner]
+        let mut k = kv.narrow(2, 0, inner)?;
+        let v = kv.narrow(2, inner, inner)?;
         if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
@@ -550,9 +535,13 @@ impl CrossAttention {
                 .to_dtype(DType::F32)?
                 .contiguous()
         };
-        let (q, k, v) = (split(q, n)?, split(k, l)?, split(v, l)?);
+        // The 1/√hd scale is applied to q, which is smaller than the logits.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let logits = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?; // [B, h, N, L]
+        let (q, k, v) = ((split(q, n)? * scale)?, split(k, l)?, split(v, l)?);
+        let mut logits = q.matmul(&k.t()?)?; // [B, h, N, L]
+        if let Some(bias) = bias {
+            logits = logits.broadcast_add(bias)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let out = probs.matmul(&v)?; // [B, h, N, hd]
         let out = out
@@ -567,9 +556,8 @@ impl CrossAttention {
 #[derive(Debug, Clone)]
 struct GluMbConv {
     inverted_w: Tensor, // [2Hf, D]
-    inverted_b: Tensor, // [2Hf]
+    biases: Tensor,     // [2, 2Hf]: conv_inverted bias, conv_depth bias
     depth_w: Tensor,    // [2Hf, 1, 3, 3]
-    depth_b: Tensor,    // [2Hf]
     point_w: Tensor,    // [D, Hf]
     hidden: usize,
 }
@@ -582,9 +570,11 @@ impl GluMbConv {
             inverted_w: inv
                 .get((2 * hidden, d, 1, 1), "weight")?
                 .reshape((2 * hidden, d))?,
-            inverted_b: inv.get(2 * hidden, "bias")?,
+            biases: Tensor::stack(
+                &[inv.get(2 * hidden, "bias")?, depth.get(2 * hidden, "bias")?],
+                0,
+            )?,
             depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
-            depth_b: depth.get(2 * hidden, "bias")?,
             point_w: vb
                 .pp("conv_point")
                 .get((d, hidden, 1, 1), "weight")?
@@ -593,31 +583,22 @@ impl GluMbConv {
         })
     }
 
-    /// `x`: `[B, N, D]` tokens of an `h × w` grid → `[B, N, D]`.
+    /// `x`: `[B, N, D]` tokens of an `h × w` grid → `[B, N, D]`. Channels stay last throughout, so
+    /// both 1×1 convs are plain matmuls over all B·N tokens.
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        // 1. 1×1 conv as W·xᵀ gives channels-first directly: [2Hf, D] · [B, D, N] → [B, 2Hf, N].
-        let xt = x.transpose(1, 2)?.contiguous()?;
-        let a = self
-            .inverted_w
-            .broadcast_matmul(&xt)?
-            .broadcast_add(&self.inverted_b.reshape((1, 2 * self.hidden, 1))?)?
-            .silu()?;
-        // 2. Depthwise 3×3 on the [B, 2Hf, h, w] map.
-        let a = depthwise_conv2d(
-            &a.reshape((b, 2 * self.hidden, h, w))?,
-            &self.depth_w,
-            Some(&self.depth_b),
-            1,
-        )?;
-        // 3. GLU: first half times SiLU(second half).
-        let gated =
-            (a.narrow(1, 0, self.hidden)? * a.narrow(1, self.hidden, self.hidden)?.silu()?)?;
-        // 4. 1×1 projection back to D: [D, Hf] · [B, Hf, N] → [B, D, N] → [B, N, D].
-        let out = self
-            .point_w
-            .broadcast_matmul(&gated.reshape((b, self.hidden, n))?)?;
-        out.transpose(1, 2)?.contiguous()
+        let (b, n, d) = x.dims3()?;
+        // 1. 1×1 expansion without its bias: [B·N, D] · [D, 2Hf] → [B, h, w, 2Hf].
+        let pre = x
+            .reshape((b * n, d))?
+            .matmul(&self.inverted_w.t()?)?
+            .reshape((b, h, w, 2 * self.hidden))?;
+        // 2. Bias, SiLU, depthwise 3×3 with bias, GLU gate — one fused pass → [B, h, w, Hf].
+        let gated = glu_depthwise_conv2d_nhwc(&pre, &self.depth_w, &self.biases, 1)?;
+        // 3. 1×1 projection back to D: [B·N, Hf] · [Hf, D] → [B, N, D].
+        gated
+            .reshape((b * n, self.hidden))?
+            .matmul(&self.point_w.t()?)?
+            .reshape((b, n, d))
     }
 }
 
@@ -654,7 +635,7 @@ impl SanaTransformerBlock {
         &self,
         x: &Tensor,
         y: &Tensor,
-        bias: &Tensor,
+        bias: Option<&Tensor>,
         t6: &Tensor,
         h: usize,
         w: usize,
@@ -820,15 +801,18 @@ impl SanaTransformer2DModel {
             .forward(&self.caption_1.forward(&y)?.gelu()?)?;
         let y = self.caption_norm.forward(&y)?;
         // 5. Mask → additive bias [B, 1, 1, L]: (1 − m)·(−10000), in the model dtype as diffusers.
+        //    Skipped when nothing is masked: adding zeros changes nothing.
         let bias = match input.encoder_attention_mask {
-            Some(m) => ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
-                .to_dtype(DType::F32)?
-                .reshape((b, 1, 1, l))?,
-            None => Tensor::zeros((b, 1, 1, l), DType::F32, x.device())?,
+            Some(m) if m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()? < 1.0 => Some(
+                ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
+                    .to_dtype(DType::F32)?
+                    .reshape((b, 1, 1, l))?,
+            ),
+            _ => None,
         };
         // 6. Blocks.
         for block in &self.blocks {
-            hs = block.forward(&hs, &y, &bias, &t6, h, w)?;
+            hs = block.forward(&hs, &y, bias.as_ref(), &t6, h, w)?;
         }
         // 7. Final layer: shift first, then scale, from the un-projected timestep embedding.
         let m = self

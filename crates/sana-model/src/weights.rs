@@ -221,3 +221,36 @@ impl SimpleBackend for Checkpoint {
         self.0.st.get(name).is_ok()
     }
 }
+
+/// A `VarBuilder` that makes up every tensor it is asked for: N(0, `std`²) values in `dtype`.
+///
+/// For benchmarks and load tests of real configs without downloading weights: the cost of a
+/// forward does not depend on the values.
+pub fn random_var_builder(std: f64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights { std }), dtype, device.clone())
+}
+
+struct RandomWeights {
+    std: f64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, self.std as f32, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
