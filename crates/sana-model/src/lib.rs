@@ -3,10 +3,13 @@
 //! Ground truth is diffusers/transformers; every numeric module is tested for parity against
 //! reference tensors from `tools/gen_fixtures.py` (see `tests/fixtures/`).
 
+pub mod autoencoder;
 mod error;
+pub mod image;
 mod nn;
 pub mod ops;
 pub mod scheduler;
+pub mod text_encoder;
 pub mod transformer;
 pub mod weights;
 

@@ -1,0 +1,1 @@
+//! DC-AE (diffusers `AutoencoderDC`): arrives with its issue.

@@ -1,0 +1,1 @@
+//! Gemma-2 text encoder and Sana prompt encoding: arrive with their issue.
