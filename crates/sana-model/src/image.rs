@@ -183,11 +183,17 @@ pub fn bin_table(sample_size: usize) -> Option<&'static [(&'static str, u32, u32
 
 /// The binned `(height, width)` for a requested size: the entry whose ratio key is closest to
 /// `height / width` (the first one on ties, as Python's `min`).
-pub fn classify_height_width_bin(height: u32, width: u32, table: &[(&str, u32, u32)]) -> (u32, u32) {
+pub fn classify_height_width_bin(
+    height: u32,
+    width: u32,
+    table: &[(&str, u32, u32)],
+) -> (u32, u32) {
     let ar = height as f64 / width as f64;
     let mut best = (f64::INFINITY, table[0].1, table[0].2);
     for &(key, h, w) in table {
-        let ratio: f64 = key.parse().expect("bin table keys are numbers; this is a bug");
+        let ratio: f64 = key
+            .parse()
+            .expect("bin table keys are numbers; this is a bug");
         let d = (ratio - ar).abs();
         if d < best.0 {
             best = (d, h, w);

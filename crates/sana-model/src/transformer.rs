@@ -508,42 +508,50 @@ impl CrossAttention {
         })
     }
 
-    /// `x`: `[B, N, D]`, `y`: `[B, L, D]`, `bias`: `[B, 1, 1, L]` f32 additive (`None` when no
-    /// token is masked) → `[B, N, D]`.
+    /// Keys and values of the caption `y` `[B, L, D]` → `([B, h, L, hd], [B, h, L, hd])` in f32.
+    /// They depend only on the text, so a generation computes them once for all its steps.
+    fn caption_kv(&self, y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, l, _) = y.dims3()?;
+        let inner = self.heads * self.head_dim;
+        let kv = self.to_kv.forward(y)?; // [B, L, 2·inner]
+        let mut k = kv.narrow(2, 0, inner)?;
+        let v = kv.narrow(2, inner, inner)?;
+        if let Some(nk) = &self.norm_k {
+            k = nk.forward(&k)?;
+        }
+        Ok((self.split_heads(&k, b, l)?, self.split_heads(&v, b, l)?))
+    }
+
+    /// `[B, len, h·hd]` → `[B, h, len, hd]` in f32 (logits and softmax run in f32).
+    fn split_heads(&self, t: &Tensor, b: usize, len: usize) -> candle_core::Result<Tensor> {
+        t.reshape((b, len, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .to_dtype(DType::F32)?
+            .contiguous()
+    }
+
+    /// `x`: `[B, N, D]` attending to precomputed caption keys/values (see [`Self::caption_kv`]);
+    /// `bias`: `[B, 1, 1, L]` f32 additive, `None` when no token is masked → `[B, N, D]`.
     fn forward(
         &self,
         x: &Tensor,
-        y: &Tensor,
+        (k, v): &(Tensor, Tensor),
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (b, n, _) = x.dims3()?;
-        let l = y.dim(1)?;
-        let inner = self.heads * self.head_dim;
         let mut q = self.to_q.forward(x)?;
-        let kv = self.to_kv.forward(y)?; // [B, L, 2·inner]
-        let mut k = kv.narrow(2, 0, inner)?;
-        let v = kv.narrow(2, inner, inner)?;
-        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
+        if let Some(nq) = &self.norm_q {
             q = nq.forward(&q)?;
-            k = nk.forward(&k)?;
         }
-        let split = |t: Tensor, len: usize| -> candle_core::Result<Tensor> {
-            // [B, len, h·hd] → [B, h, len, hd], in f32 for the logits and the softmax.
-            t.reshape((b, len, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .to_dtype(DType::F32)?
-                .contiguous()
-        };
         // The 1/√hd scale is applied to q, which is smaller than the logits.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (q, k, v) = ((split(q, n)? * scale)?, split(k, l)?, split(v, l)?);
+        let q = (self.split_heads(&q, b, n)? * (1.0 / (self.head_dim as f64).sqrt()))?;
         let mut logits = q.matmul(&k.t()?)?; // [B, h, N, L]
         if let Some(bias) = bias {
             logits = logits.broadcast_add(bias)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let out = probs.matmul(&v)?; // [B, h, N, hd]
+        let out = probs.matmul(v)?; // [B, h, N, hd]
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?
@@ -634,7 +642,7 @@ impl SanaTransformerBlock {
     fn forward(
         &self,
         x: &Tensor,
-        y: &Tensor,
+        kv: &(Tensor, Tensor),
         bias: Option<&Tensor>,
         t6: &Tensor,
         h: usize,
@@ -655,7 +663,7 @@ impl SanaTransformerBlock {
             .broadcast_add(&shift_msa)?;
         let x = (x + self.attn1.forward(&n)?.broadcast_mul(&gate_msa)?)?;
         // 3. Cross-attention: no norm, no modulation, no gate.
-        let x = (&x + self.attn2.forward(&x, y, bias)?)?;
+        let x = (&x + self.attn2.forward(&x, kv, bias)?)?;
         // 4. Mix-FFN on the modulated norm2.
         let mut n = layer_norm_no_affine(&x, self.eps)?;
         if let Some((wt, bi)) = &self.norm2_affine {
@@ -665,6 +673,23 @@ impl SanaTransformerBlock {
             .broadcast_mul(&(scale_mlp + 1.0)?)?
             .broadcast_add(&shift_mlp)?;
         &x + self.ff.forward(&n, h, w)?.broadcast_mul(&gate_mlp)?
+    }
+}
+
+/// The text-dependent part of a forward (see [`SanaTransformer2DModel::prepare_caption`]).
+#[derive(Debug, Clone)]
+pub struct CaptionContext {
+    /// Per block: cross-attention keys and values `[B, heads, L, head_dim]`, f32.
+    kv: Vec<(Tensor, Tensor)>,
+    /// `[B, 1, 1, L]` additive mask bias, `None` when no kept token is masked.
+    bias: Option<Tensor>,
+    batch: usize,
+}
+
+impl CaptionContext {
+    /// Text tokens kept after dropping the positions every item masks.
+    pub fn tokens(&self) -> usize {
+        self.kv.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 }
 
@@ -753,15 +778,106 @@ impl SanaTransformer2DModel {
     }
 
     /// One forward pass → velocity `[B, out_channels, H, W]` in the model dtype.
+    ///
+    /// Equals [`Self::prepare_caption`] followed by [`Self::forward_with_caption`]; a sampling loop
+    /// should call those two instead, so the caption work is done once per generation.
     pub fn forward(&self, input: &TransformerInput) -> Result<Tensor> {
+        let caption =
+            self.prepare_caption(input.encoder_hidden_states, input.encoder_attention_mask)?;
+        self.forward_with_caption(
+            input.hidden_states,
+            input.timestep,
+            input.guidance,
+            &caption,
+        )
+    }
+
+    /// Everything of a forward that depends only on the text: the caption projection and norm,
+    /// each block's cross-attention keys and values, and the mask bias.
+    ///
+    /// `encoder_hidden_states`: `[B, L, caption_channels]`; `mask`: `[B, L]`, 1 = keep, 0 = padding.
+    /// Token positions masked for every item are dropped first (exact: a masked key has weight
+    /// e^−10000 = 0 next to any unmasked one), so a batch of short prompts pays for its longest
+    /// prompt, not for the padded length. (Not done when an item has no unmasked token at all:
+    /// diffusers then spreads its attention evenly over every position.)
+    pub fn prepare_caption(
+        &self,
+        encoder_hidden_states: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<CaptionContext> {
+        let _span = tracing::trace_span!("sana_caption").entered();
+        let (b, l, _) = encoder_hidden_states.dims3()?;
+        let mut y = encoder_hidden_states.to_dtype(self.dtype)?;
+        let mut mask = match mask {
+            Some(m) if m.dims() != [b, l] => {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "encoder_attention_mask {:?} does not fit encoder_hidden_states {:?}",
+                    m.dims(),
+                    encoder_hidden_states.dims()
+                ))))
+            }
+            Some(m) => Some(m.to_dtype(DType::F32)?),
+            None => None,
+        };
+        // 1. Drop the positions every item masks.
+        if let Some(m) = &mask {
+            let rows: Vec<Vec<f32>> = m.to_vec2()?;
+            let keep: Vec<u32> = (0..l)
+                .filter(|&j| rows.iter().any(|r| r[j] > 0.0))
+                .map(|j| j as u32)
+                .collect();
+            let every_item_attends = rows.iter().all(|r| r.iter().any(|&v| v > 0.0));
+            if every_item_attends && keep.len() < l {
+                let idx = Tensor::new(keep.as_slice(), y.device())?;
+                y = y.index_select(&idx, 1)?;
+                mask = Some(m.index_select(&idx.to_device(m.device())?, 1)?);
+            }
+        }
+        let l = y.dim(1)?;
+        // 2. Caption projection and norm: [B, L, caption_channels] → [B, L, D].
+        let y = self
+            .caption_2
+            .forward(&self.caption_1.forward(&y)?.gelu()?)?;
+        let y = self.caption_norm.forward(&y)?;
+        // 3. Mask → additive bias [B, 1, 1, L]: (1 − m)·(−10000), in the model dtype as diffusers.
+        //    Skipped when nothing is masked: adding zeros changes nothing.
+        let bias = match mask {
+            Some(m) if m.min_all()?.to_scalar::<f32>()? < 1.0 => Some(
+                ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
+                    .to_dtype(DType::F32)?
+                    .reshape((b, 1, 1, l))?,
+            ),
+            _ => None,
+        };
+        // 4. Per-block keys and values.
+        let kv = self
+            .blocks
+            .iter()
+            .map(|blk| blk.attn2.caption_kv(&y))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(CaptionContext { kv, bias, batch: b })
+    }
+
+    /// A forward pass with the caption work already done → velocity `[B, out_channels, H, W]`.
+    ///
+    /// `hidden_states` `[B, C, H, W]`, `timestep` `[B]` (× `timestep_scale` already), `guidance`
+    /// `[B]` for guidance-embedding models; `caption` from [`Self::prepare_caption`] for the same B.
+    pub fn forward_with_caption(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        caption: &CaptionContext,
+    ) -> Result<Tensor> {
         let _span = tracing::trace_span!("sana_transformer").entered();
-        let x = input.hidden_states.to_dtype(self.dtype)?;
+        let x = hidden_states.to_dtype(self.dtype)?;
         let (b, c, hh, ww) = x.dims4()?;
         let p = self.cfg.patch_size;
-        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 {
+        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 || b != caption.batch {
             return Err(Error::Candle(candle_core::Error::Msg(format!(
-                "latents {:?} do not fit the model: want [B, {}, H, W] with H and W multiples of {p}",
+                "latents {:?} do not fit the model: want [{}, {}, H, W] with H and W multiples of {p}",
                 x.dims(),
+                caption.batch,
                 self.cfg.in_channels
             ))));
         }
@@ -790,31 +906,12 @@ impl SanaTransformer2DModel {
                 .to_dtype(self.dtype)?;
         }
         // 3. Timestep (and guidance) embedding.
-        let (t6, embedded) = self
-            .time_embed
-            .forward(input.timestep, input.guidance, self.dtype)?;
-        // 4. Caption projection and norm: [B, L, caption_channels] → [B, L, D].
-        let y = input.encoder_hidden_states.to_dtype(self.dtype)?;
-        let l = y.dim(1)?;
-        let y = self
-            .caption_2
-            .forward(&self.caption_1.forward(&y)?.gelu()?)?;
-        let y = self.caption_norm.forward(&y)?;
-        // 5. Mask → additive bias [B, 1, 1, L]: (1 − m)·(−10000), in the model dtype as diffusers.
-        //    Skipped when nothing is masked: adding zeros changes nothing.
-        let bias = match input.encoder_attention_mask {
-            Some(m) if m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()? < 1.0 => Some(
-                ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
-                    .to_dtype(DType::F32)?
-                    .reshape((b, 1, 1, l))?,
-            ),
-            _ => None,
-        };
-        // 6. Blocks.
-        for block in &self.blocks {
-            hs = block.forward(&hs, &y, bias.as_ref(), &t6, h, w)?;
+        let (t6, embedded) = self.time_embed.forward(timestep, guidance, self.dtype)?;
+        // 4. Blocks.
+        for (block, kv) in self.blocks.iter().zip(&caption.kv) {
+            hs = block.forward(&hs, kv, caption.bias.as_ref(), &t6, h, w)?;
         }
-        // 7. Final layer: shift first, then scale, from the un-projected timestep embedding.
+        // 5. Final layer: shift first, then scale, from the un-projected timestep embedding.
         let m = self
             .scale_shift_table
             .unsqueeze(0)?
@@ -823,8 +920,8 @@ impl SanaTransformer2DModel {
         let hs = layer_norm_no_affine(&hs, 1e-6)?
             .broadcast_mul(&(scale + 1.0)?)?
             .broadcast_add(&shift)?;
-        let out = self.proj_out.forward(&hs)?; // [B, N, p·p·C_out]
-                                               // 8. Unpatchify: [B, h, w, p, p, C] → [B, C, h, p, w, p] → [B, C, h·p, w·p].
+        // 6. Project and unpatchify: [B, N, p·p·C] → [B, h, w, p, p, C] → [B, C, h, p, w, p].
+        let out = self.proj_out.forward(&hs)?;
         let co = self.cfg.out_channels();
         Ok(out
             .reshape((b, h, w, p, p, co))?

@@ -264,3 +264,88 @@ fn unsupported_config_names_the_field() {
     cfg.validate().unwrap();
     assert_eq!(cfg.interpolation_scale, None);
 }
+
+#[test]
+fn trimmed_text_equals_the_reference() {
+    // Columns that every item masks are dropped before the cross-attention: appending such columns
+    // (with random values) must leave the output at the diffusers reference, and they must be cut.
+    for case in ["square_p1", "qknorm", "sprint_guidance"] {
+        let dir = case_dir(case);
+        let io = load(&dir.join("io.safetensors"));
+        let model = SanaTransformer2DModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+        let (b, l, c) = io["encoder_hidden_states"].dims3().unwrap();
+        let extra = 7;
+        let junk = Tensor::randn(0f32, 3., (b, extra, c), &Device::Cpu).unwrap();
+        let y = Tensor::cat(&[&io["encoder_hidden_states"], &junk], 1).unwrap();
+        let m = Tensor::cat(
+            &[
+                &io["encoder_attention_mask"],
+                &Tensor::zeros((b, extra), DType::F32, &Device::Cpu).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let caption = model.prepare_caption(&y, Some(&m)).unwrap();
+        let longest = io["encoder_attention_mask"]
+            .sum(1)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            caption.tokens() <= l,
+            "{case}: padding columns were not cut"
+        );
+        assert_eq!(
+            caption.tokens(),
+            longest as usize,
+            "{case}: keeps exactly the longest prompt"
+        );
+        let out = model
+            .forward_with_caption(
+                &io["hidden_states"],
+                &io["timestep"],
+                io.get("guidance"),
+                &caption,
+            )
+            .unwrap();
+        assert_close(
+            case,
+            &out,
+            &io["output"],
+            1e-4,
+            "f32 tolerance, trimmed text",
+        );
+    }
+}
+
+#[test]
+fn caption_context_is_reusable_across_steps() {
+    let dir = case_dir("qknorm");
+    let io = load(&dir.join("io.safetensors"));
+    let model = SanaTransformer2DModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let caption = model
+        .prepare_caption(
+            &io["encoder_hidden_states"],
+            Some(&io["encoder_attention_mask"]),
+        )
+        .unwrap();
+    for t in [999f32, 500., 3.] {
+        let ts = Tensor::full(t, io["timestep"].dims(), &Device::Cpu).unwrap();
+        let reused = model
+            .forward_with_caption(&io["hidden_states"], &ts, None, &caption)
+            .unwrap();
+        let full = model
+            .forward(&TransformerInput {
+                hidden_states: &io["hidden_states"],
+                encoder_hidden_states: &io["encoder_hidden_states"],
+                encoder_attention_mask: Some(&io["encoder_attention_mask"]),
+                timestep: &ts,
+                guidance: None,
+            })
+            .unwrap();
+        let (diff, _) = common::max_abs_diff(&reused, &full);
+        assert_eq!(diff, 0.0, "t={t}: reused caption context differs");
+    }
+}
