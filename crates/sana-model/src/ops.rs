@@ -557,7 +557,7 @@ mod cuda {
 
     use super::{contiguous_range, DepthwiseOp};
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
@@ -669,9 +669,9 @@ KERNELS(bf16, __nv_bfloat16)
     fn launch<T: DeviceRepr>(
         name: &str,
         dev: &CudaDevice,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        b: &CudaSlice<T>,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
         dims: [i32; 8],
         total: usize,
     ) -> Result<CudaSlice<T>> {
