@@ -8,6 +8,7 @@ mod error;
 pub mod image;
 mod nn;
 pub mod ops;
+pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod transformer;

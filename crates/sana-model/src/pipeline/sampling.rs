@@ -1,0 +1,235 @@
+//! The denoising loops of diffusers' `SanaPipeline` (flow matching with classifier-free guidance)
+//! and `SanaSprintPipeline` (TrigFlow consistency sampling with an embedded guidance), driven by a
+//! [`Scheduler`](crate::scheduler::Scheduler), plus per-item seeded noise.
+//!
+//! The caption work is done once per generation ([`SanaTransformer2DModel::prepare_caption`]); each
+//! step runs [`SanaTransformer2DModel::forward_with_caption`]. Sample math is f32, as in diffusers.
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::scheduler::{SCMScheduler, ScheduleOptions, SchedulerConfig};
+use crate::transformer::{CaptionContext, SanaTransformer2DModel};
+use crate::{Error, Result};
+
+/// Standard normal noise `[seeds.len(), c, h, w]` (f32), item `i` drawn from `seeds[i]` alone, so an
+/// image never depends on its batchmates. `stream` separates independent draws of one seed (0 for
+/// the initial latents, `1 + step` for a sampler step's noise). ChaCha12 and `rand_distr`'s ziggurat
+/// normals: the same values on every platform and run.
+pub fn seeded_noise(
+    seeds: &[u64],
+    (c, h, w): (usize, usize, usize),
+    stream: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let per_item = c * h * w;
+    let mut values = Vec::with_capacity(seeds.len() * per_item);
+    for &seed in seeds {
+        let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        values.extend(
+            rand_distr::StandardNormal
+                .sample_iter(&mut rng)
+                .take(per_item)
+                .map(|v: f32| v),
+        );
+    }
+    Ok(Tensor::from_vec(values, (seeds.len(), c, h, w), device)?)
+}
+
+/// What a step reports to the caller.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// Steps done so far (1-based after the step).
+    pub step: usize,
+    /// Steps in total.
+    pub steps: usize,
+    /// The clean-image prediction of this step (latent space, f32, `[B, C, h, w]`): a cheap
+    /// preview source.
+    pub predicted: Option<&'a Tensor>,
+}
+
+/// Whether to go on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Run the next step.
+    Continue,
+    /// Stop now: the generation is cancelled.
+    Stop,
+}
+
+/// The settings of one denoising loop.
+#[derive(Debug, Clone)]
+pub struct Sampling<'a> {
+    /// The sampler config (`scheduler/scheduler_config.json`).
+    pub scheduler: &'a SchedulerConfig,
+    /// Number of steps.
+    pub steps: usize,
+    /// Extra `set_timesteps` arguments (custom sigmas/timesteps, Sprint angles).
+    pub schedule: ScheduleOptions,
+    /// Guidance per image (`[B]`). SanaPipeline: classifier-free guidance, on when `cfg`;
+    /// Sprint: the embedded guidance value before `guidance_embeds_scale`.
+    pub guidance: &'a [f32],
+    /// Classifier-free guidance: the caption context holds `[negative; positive]` (2B rows).
+    pub cfg: bool,
+}
+
+/// Runs SanaPipeline's loop from `latents` (`[B, C, h, w]`, f32) → final latents (f32), or `None`
+/// when `on_step` stopped it. `noise(step)` supplies standard normal noise for samplers that take
+/// it at a step (see [`crate::scheduler::Scheduler::needs_noise`]).
+pub fn denoise(
+    model: &SanaTransformer2DModel,
+    caption: &CaptionContext,
+    latents: Tensor,
+    sampling: &Sampling,
+    noise: &mut dyn FnMut(usize) -> Result<Tensor>,
+    on_step: &mut dyn FnMut(StepInfo) -> Flow,
+) -> Result<Option<Tensor>> {
+    let cfg = model.config();
+    let (b, c, _, _) = latents.dims4()?;
+    check_guidance(sampling.guidance, b)?;
+    let mut sched = sampling
+        .scheduler
+        .build(sampling.steps, &sampling.schedule)?;
+    let device = latents.device().clone();
+    // [B, 1, 1, 1] so each item gets its own guidance scale.
+    let g = Tensor::from_slice(sampling.guidance, (b, 1, 1, 1), &device)?;
+    let mut x = latents.to_dtype(DType::F32)?;
+    let timesteps = sched.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let _span = tracing::debug_span!("denoise_step", step = i).entered();
+        let rows = if sampling.cfg { 2 * b } else { b };
+        let x_in = if sampling.cfg {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
+        // The DPM scheduler's timesteps are integers; the model sees them × timestep_scale in f32.
+        let ts = Tensor::full((t * cfg.timestep_scale) as f32, rows, &device)?;
+        let mut v = model
+            .forward_with_caption(&x_in, &ts, None, caption)?
+            .to_dtype(DType::F32)?;
+        if sampling.cfg {
+            let (v_uncond, v_text) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
+            v = (&v_uncond + (v_text - &v_uncond)?.broadcast_mul(&g)?)?;
+        }
+        if cfg.out_channels() == 2 * c {
+            // Learned-sigma models predict [velocity, variance]: keep the velocity.
+            v = v.narrow(1, 0, c)?;
+        }
+        let step_noise = if sched.needs_noise() {
+            Some(noise(i)?)
+        } else {
+            None
+        };
+        x = sched.step(&v, &x, step_noise.as_ref())?;
+        let predicted = sched.pred_original_sample()?;
+        if on_step(StepInfo {
+            step: i + 1,
+            steps: timesteps.len(),
+            predicted: predicted.as_ref(),
+        }) == Flow::Stop
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(x))
+}
+
+/// Runs SanaSprintPipeline's loop: `latents` is standard normal noise `[B, C, h, w]`; returns the
+/// final clean latents (`denoised / σ_d`), or `None` when stopped. The sampler must be SCM; with 2
+/// steps and no custom angles the schedule passes through 1.3 as the pipeline's default.
+/// `guidance_dtype` is the text-encoder dtype: diffusers rounds the guidance to it before scaling.
+pub fn denoise_sprint(
+    model: &SanaTransformer2DModel,
+    caption: &CaptionContext,
+    latents: Tensor,
+    sampling: &Sampling,
+    guidance_dtype: DType,
+    noise: &mut dyn FnMut(usize) -> Result<Tensor>,
+    on_step: &mut dyn FnMut(StepInfo) -> Flow,
+) -> Result<Option<Tensor>> {
+    let cfg = model.config();
+    let (b, _, _, _) = latents.dims4()?;
+    check_guidance(sampling.guidance, b)?;
+    let sigma_data = match sampling.scheduler {
+        SchedulerConfig::SCMScheduler(c) => c.sigma_data,
+        _ => {
+            return Err(Error::Unsupported {
+                field: "_class_name",
+                value: "not SCMScheduler".into(),
+                reason: "SANA-Sprint models sample with SCMScheduler".into(),
+            })
+        }
+    };
+    // SanaSprintPipeline's default schedule: 2 steps go through the intermediate angle 1.3.
+    let mut schedule = sampling.schedule.clone();
+    if sampling.steps == 2
+        && schedule.timesteps.is_none()
+        && schedule.intermediate_timesteps.is_none()
+    {
+        schedule.intermediate_timesteps = Some(SCMScheduler::DEFAULT_INTERMEDIATE_TIMESTEPS);
+    }
+    let mut sched = sampling.scheduler.build(sampling.steps, &schedule)?;
+    let device = latents.device().clone();
+    // guidance → text-encoder dtype → × guidance_embeds_scale (in that dtype, as diffusers).
+    let guidance = (Tensor::from_slice(sampling.guidance, b, &device)?
+        .to_dtype(guidance_dtype)?
+        * cfg.guidance_embeds_scale)?
+        .to_dtype(DType::F32)?;
+    let mut x = (latents.to_dtype(DType::F32)? * sigma_data)?;
+    let angles = sched.timesteps().to_vec();
+    let mut denoised = None;
+    for (i, &theta) in angles.iter().enumerate() {
+        let _span = tracing::debug_span!("sprint_step", step = i).entered();
+        // Flow time s = sin θ / (cos θ + sin θ), in f32 like the reference.
+        let th = theta as f32;
+        let s = th.sin() / (th.cos() + th.sin());
+        let norm = (s * s + (1.0 - s) * (1.0 - s)).sqrt();
+        let x_in = ((&x / sigma_data)? * norm as f64)?;
+        let ts = Tensor::full(s, b, &device)?;
+        let f = model
+            .forward_with_caption(&x_in, &ts, Some(&guidance), caption)?
+            .to_dtype(DType::F32)?;
+        let f = (((&x_in * (1.0 - 2.0 * s) as f64)?
+            + (f * (1.0 - 2.0 * s + 2.0 * s * s) as f64)?)?
+            / norm as f64)?;
+        let f = (f * sigma_data)?;
+        let step_noise = if sched.needs_noise() {
+            Some(noise(i)?)
+        } else {
+            None
+        };
+        x = sched.step(&f, &x, step_noise.as_ref())?;
+        denoised = sched.pred_original_sample()?;
+        let preview = match &denoised {
+            Some(d) => Some((d / sigma_data)?),
+            None => None,
+        };
+        if on_step(StepInfo {
+            step: i + 1,
+            steps: angles.len(),
+            predicted: preview.as_ref(),
+        }) == Flow::Stop
+        {
+            return Ok(None);
+        }
+    }
+    let denoised = denoised.ok_or_else(|| {
+        Error::Candle(candle_core::Error::Msg(
+            "Sprint sampling needs at least one step".into(),
+        ))
+    })?;
+    Ok(Some((denoised / sigma_data)?))
+}
+
+fn check_guidance(guidance: &[f32], batch: usize) -> Result<()> {
+    if guidance.len() != batch {
+        return Err(Error::Candle(candle_core::Error::Msg(format!(
+            "{} guidance values for a batch of {batch} images",
+            guidance.len()
+        ))));
+    }
+    Ok(())
+}
