@@ -10,6 +10,7 @@ mod nn;
 pub mod ops;
 pub mod pipeline;
 pub mod scheduler;
+pub mod source;
 pub mod text_encoder;
 pub mod transformer;
 pub mod weights;
