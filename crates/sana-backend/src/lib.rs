@@ -37,6 +37,8 @@ pub enum Sampler {
     DpmSolverMultistep,
     /// First-order Euler on the flow ODE (`FlowMatchEulerDiscreteScheduler`).
     FlowMatchEuler,
+    /// SANA-Sprint's few-step TrigFlow consistency sampler (`SCMScheduler`).
+    Scm,
 }
 
 impl Sampler {
@@ -45,11 +47,16 @@ impl Sampler {
         match self {
             Sampler::DpmSolverMultistep => "dpm_solver_multistep",
             Sampler::FlowMatchEuler => "flow_match_euler",
+            Sampler::Scm => "scm",
         }
     }
 
     /// Every sampler this crate knows, in declaration order.
-    pub const ALL: [Sampler; 2] = [Sampler::DpmSolverMultistep, Sampler::FlowMatchEuler];
+    pub const ALL: [Sampler; 3] = [
+        Sampler::DpmSolverMultistep,
+        Sampler::FlowMatchEuler,
+        Sampler::Scm,
+    ];
 }
 
 impl fmt::Display for Sampler {
@@ -60,7 +67,7 @@ impl fmt::Display for Sampler {
 
 /// The error of parsing a [`Sampler`] name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown sampler `{0}`; expected one of: dpm_solver_multistep, flow_match_euler")]
+#[error("unknown sampler `{0}`; expected one of: dpm_solver_multistep, flow_match_euler, scm")]
 pub struct UnknownSampler(pub String);
 
 impl FromStr for Sampler {
