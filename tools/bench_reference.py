@@ -45,6 +45,21 @@ def transformer_setup(args: argparse.Namespace):
     return lambda: model(**inputs)
 
 
+def vae_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="an AutoencoderDC config.json")
+    parser.add_argument("--latent", nargs=2, type=int, required=True, metavar=("H", "W"), help="latent grid size")
+    parser.add_argument("--batch", type=int, default=1)
+
+
+def vae_setup(args: argparse.Namespace):
+    from diffusers import AutoencoderDC
+
+    with open(args.config) as f:
+        model = AutoencoderDC.from_config(json.load(f)).eval()
+    z = torch.randn(args.batch, model.config.latent_channels, *args.latent)
+    return lambda: model.decode(z, return_dict=False)
+
+
 def depthwise_args(parser: argparse.ArgumentParser):
     parser.add_argument("--channels", type=int, required=True)
     parser.add_argument("--size", nargs=2, type=int, required=True, metavar=("H", "W"))
@@ -62,10 +77,42 @@ def depthwise_setup(args: argparse.Namespace):
     return lambda: F.conv2d(x, w, b, padding=k // 2, groups=c)
 
 
+def text_encoder_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="a Gemma-2 config.json (text_encoder/)")
+    parser.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (tokenizer/)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--max-sequence-length", type=int, default=300)
+
+
+def text_encoder_setup(args: argparse.Namespace):
+    """SanaPipeline.encode_prompt with the default complex human instruction and CFG (the negative prompt too)."""
+    import inspect
+
+    from diffusers import SanaPipeline
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    with open(args.config) as f:
+        config = Gemma2Config(**json.load(f), attn_implementation="eager")
+    text_encoder = Gemma2Model(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+    chi = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    return lambda: pipe.encode_prompt(
+        args.prompt,
+        do_classifier_free_guidance=True,
+        negative_prompt=args.negative_prompt,
+        max_sequence_length=args.max_sequence_length,
+        complex_human_instruction=chi,
+    )
+
+
 # part name -> (add its arguments, build a callable to time, what is being timed)
 PARTS = {
     "transformer": (transformer_args, transformer_setup, "diffusers"),
     "depthwise": (depthwise_args, depthwise_setup, "torch"),
+    "vae": (vae_args, vae_setup, "diffusers"),
+    "text-encoder": (text_encoder_args, text_encoder_setup, "diffusers"),
 }
 
 

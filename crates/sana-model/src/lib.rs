@@ -4,6 +4,7 @@
 //! reference tensors from `tools/gen_fixtures.py` (see `tests/fixtures/`).
 
 pub mod autoencoder;
+pub mod backend;
 mod error;
 pub mod image;
 mod nn;

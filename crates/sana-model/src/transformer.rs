@@ -358,7 +358,29 @@ impl TimeEmbed {
     }
 
     /// Returns (`t6` `[B, 6D]` for the blocks, `embedded_timestep` `[B, D]` for the final layer).
+    ///
+    /// Row by row: a matmul's result for a row may depend on how many rows it is given (the
+    /// kernels differ for tiny ones), and a row's embedding must not depend on its batchmates.
     fn forward(
+        &self,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let rows = (0..t.dim(0)?)
+            .map(|i| {
+                self.forward_rows(
+                    &t.narrow(0, i, 1)?,
+                    guidance.map(|g| g.narrow(0, i, 1)).transpose()?.as_ref(),
+                    dtype,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (t6, e): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().unzip();
+        Ok((Tensor::cat(&t6, 0)?, Tensor::cat(&e, 0)?))
+    }
+
+    fn forward_rows(
         &self,
         t: &Tensor,
         guidance: Option<&Tensor>,
@@ -508,7 +530,7 @@ impl CrossAttention {
         })
     }
 
-    /// Keys and values of the caption `y` `[B, L, D]` → `([B, h, L, hd], [B, h, L, hd])` in f32.
+    /// Keys and values of one item's caption `y` `[1, L, D]` → `[1, h, L, hd]` each, in f32.
     /// They depend only on the text, so a generation computes them once for all its steps.
     fn caption_kv(&self, y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let (b, l, _) = y.dims3()?;
@@ -530,14 +552,9 @@ impl CrossAttention {
             .contiguous()
     }
 
-    /// `x`: `[B, N, D]` attending to precomputed caption keys/values (see [`Self::caption_kv`]);
-    /// `bias`: `[B, 1, 1, L]` f32 additive, `None` when no token is masked → `[B, N, D]`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        (k, v): &(Tensor, Tensor),
-        bias: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    /// `x`: `[B, N, D]`; item `i` attends to its own caption keys/values `items[i]` (see
+    /// [`SanaTransformer2DModel::prepare_caption`]) → `[B, N, D]`.
+    fn forward(&self, x: &Tensor, items: &[ItemCaption]) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (b, n, _) = x.dims3()?;
         let mut q = self.to_q.forward(x)?;
@@ -546,13 +563,20 @@ impl CrossAttention {
         }
         // The 1/√hd scale is applied to q, which is smaller than the logits.
         let q = (self.split_heads(&q, b, n)? * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let mut logits = q.matmul(&k.t()?)?; // [B, h, N, L]
-        if let Some(bias) = bias {
-            logits = logits.broadcast_add(bias)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let out = probs.matmul(v)?; // [B, h, N, hd]
-        let out = out
+        // Per item, over its own tokens: the shapes, hence the results, are the same whatever the
+        // batchmates are.
+        let outs = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let mut logits = q.narrow(0, i, 1)?.matmul(&item.k.t()?)?; // [1, h, N, L_i]
+                if let Some(bias) = &item.bias {
+                    logits = logits.broadcast_add(bias)?;
+                }
+                candle_nn::ops::softmax_last_dim(&logits)?.matmul(&item.v) // [1, h, N, hd]
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let out = Tensor::cat(&outs, 0)? // [B, h, N, hd]
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?
             .to_dtype(dtype)?;
@@ -642,8 +666,7 @@ impl SanaTransformerBlock {
     fn forward(
         &self,
         x: &Tensor,
-        kv: &(Tensor, Tensor),
-        bias: Option<&Tensor>,
+        caption: &[ItemCaption],
         t6: &Tensor,
         h: usize,
         w: usize,
@@ -663,7 +686,7 @@ impl SanaTransformerBlock {
             .broadcast_add(&shift_msa)?;
         let x = (x + self.attn1.forward(&n)?.broadcast_mul(&gate_msa)?)?;
         // 3. Cross-attention: no norm, no modulation, no gate.
-        let x = (&x + self.attn2.forward(&x, kv, bias)?)?;
+        let x = (&x + self.attn2.forward(&x, caption)?)?;
         // 4. Mix-FFN on the modulated norm2.
         let mut n = layer_norm_no_affine(&x, self.eps)?;
         if let Some((wt, bi)) = &self.norm2_affine {
@@ -676,20 +699,30 @@ impl SanaTransformerBlock {
     }
 }
 
+/// One item's caption keys and values for one block.
+#[derive(Debug, Clone)]
+struct ItemCaption {
+    /// `[1, heads, L_i, head_dim]`, f32: the item's unmasked tokens only.
+    k: Tensor,
+    v: Tensor,
+    /// `[1, 1, 1, L]` additive bias, only for an item with no unmasked token: it then attends to
+    /// every (masked) position, as diffusers does.
+    bias: Option<Tensor>,
+}
+
 /// The text-dependent part of a forward (see [`SanaTransformer2DModel::prepare_caption`]).
 #[derive(Debug, Clone)]
 pub struct CaptionContext {
-    /// Per block: cross-attention keys and values `[B, heads, L, head_dim]`, f32.
-    kv: Vec<(Tensor, Tensor)>,
-    /// `[B, 1, 1, L]` additive mask bias, `None` when no kept token is masked.
-    bias: Option<Tensor>,
-    batch: usize,
+    /// `[block][item]`.
+    blocks: Vec<Vec<ItemCaption>>,
+    /// Tokens each item attends to.
+    tokens: Vec<usize>,
 }
 
 impl CaptionContext {
-    /// Text tokens kept after dropping the positions every item masks.
-    pub fn tokens(&self) -> usize {
-        self.kv.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    /// How many text tokens each item attends to (its unmasked tokens).
+    pub fn tokens(&self) -> &[usize] {
+        &self.tokens
     }
 }
 
@@ -792,14 +825,14 @@ impl SanaTransformer2DModel {
         )
     }
 
-    /// Everything of a forward that depends only on the text: the caption projection and norm,
-    /// each block's cross-attention keys and values, and the mask bias.
+    /// Everything of a forward that depends only on the text: the caption projection and norm
+    /// and each block's cross-attention keys and values, per item over its unmasked tokens only.
     ///
     /// `encoder_hidden_states`: `[B, L, caption_channels]`; `mask`: `[B, L]`, 1 = keep, 0 = padding.
-    /// Token positions masked for every item are dropped first (exact: a masked key has weight
-    /// e^−10000 = 0 next to any unmasked one), so a batch of short prompts pays for its longest
-    /// prompt, not for the padded length. (Not done when an item has no unmasked token at all:
-    /// diffusers then spreads its attention evenly over every position.)
+    /// Dropping masked tokens is exact (a masked key has weight e^−10000 = 0 next to any unmasked
+    /// one), makes a short prompt pay for its own length rather than the padded one, and makes an
+    /// item's result independent of its batchmates. An item with no unmasked token keeps every
+    /// position under the mask bias, as diffusers computes it.
     pub fn prepare_caption(
         &self,
         encoder_hidden_states: &Tensor,
@@ -807,8 +840,7 @@ impl SanaTransformer2DModel {
     ) -> Result<CaptionContext> {
         let _span = tracing::trace_span!("sana_caption").entered();
         let (b, l, _) = encoder_hidden_states.dims3()?;
-        let mut y = encoder_hidden_states.to_dtype(self.dtype)?;
-        let mut mask = match mask {
+        let rows: Vec<Vec<f32>> = match mask {
             Some(m) if m.dims() != [b, l] => {
                 return Err(Error::Candle(candle_core::Error::Msg(format!(
                     "encoder_attention_mask {:?} does not fit encoder_hidden_states {:?}",
@@ -816,46 +848,43 @@ impl SanaTransformer2DModel {
                     encoder_hidden_states.dims()
                 ))))
             }
-            Some(m) => Some(m.to_dtype(DType::F32)?),
-            None => None,
+            Some(m) => m.to_dtype(DType::F32)?.to_vec2()?,
+            None => vec![vec![1.0; l]; b],
         };
-        // 1. Drop the positions every item masks.
-        if let Some(m) = &mask {
-            let rows: Vec<Vec<f32>> = m.to_vec2()?;
-            let keep: Vec<u32> = (0..l)
-                .filter(|&j| rows.iter().any(|r| r[j] > 0.0))
-                .map(|j| j as u32)
-                .collect();
-            let every_item_attends = rows.iter().all(|r| r.iter().any(|&v| v > 0.0));
-            if every_item_attends && keep.len() < l {
-                let idx = Tensor::new(keep.as_slice(), y.device())?;
-                y = y.index_select(&idx, 1)?;
-                mask = Some(m.index_select(&idx.to_device(m.device())?, 1)?);
+        let device = encoder_hidden_states.device();
+        let mut blocks: Vec<Vec<ItemCaption>> = vec![Vec::with_capacity(b); self.blocks.len()];
+        let mut tokens = Vec::with_capacity(b);
+        for (i, row) in rows.iter().enumerate() {
+            let keep: Vec<u32> = (0..l as u32).filter(|&j| row[j as usize] > 0.0).collect();
+            let (keep, bias) = if keep.is_empty() {
+                // Every position, each biased by (1 − 0)·(−10000) in the model dtype.
+                let bias = (Tensor::ones((1, 1, 1, l), self.dtype, device)? * -10000.0)?
+                    .to_dtype(DType::F32)?;
+                ((0..l as u32).collect(), Some(bias))
+            } else {
+                (keep, None)
+            };
+            tokens.push(keep.len());
+            let idx = Tensor::new(keep.as_slice(), device)?;
+            // [1, L_i, caption_channels] → projection and norm → [1, L_i, D].
+            let y = encoder_hidden_states
+                .narrow(0, i, 1)?
+                .index_select(&idx, 1)?
+                .to_dtype(self.dtype)?;
+            let y = self
+                .caption_2
+                .forward(&self.caption_1.forward(&y)?.gelu()?)?;
+            let y = self.caption_norm.forward(&y)?;
+            for (blk, out) in self.blocks.iter().zip(blocks.iter_mut()) {
+                let (k, v) = blk.attn2.caption_kv(&y)?;
+                out.push(ItemCaption {
+                    k,
+                    v,
+                    bias: bias.clone(),
+                });
             }
         }
-        let l = y.dim(1)?;
-        // 2. Caption projection and norm: [B, L, caption_channels] → [B, L, D].
-        let y = self
-            .caption_2
-            .forward(&self.caption_1.forward(&y)?.gelu()?)?;
-        let y = self.caption_norm.forward(&y)?;
-        // 3. Mask → additive bias [B, 1, 1, L]: (1 − m)·(−10000), in the model dtype as diffusers.
-        //    Skipped when nothing is masked: adding zeros changes nothing.
-        let bias = match mask {
-            Some(m) if m.min_all()?.to_scalar::<f32>()? < 1.0 => Some(
-                ((m.to_dtype(self.dtype)?.affine(-1.0, 1.0)?) * -10000.0)?
-                    .to_dtype(DType::F32)?
-                    .reshape((b, 1, 1, l))?,
-            ),
-            _ => None,
-        };
-        // 4. Per-block keys and values.
-        let kv = self
-            .blocks
-            .iter()
-            .map(|blk| blk.attn2.caption_kv(&y))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(CaptionContext { kv, bias, batch: b })
+        Ok(CaptionContext { blocks, tokens })
     }
 
     /// A forward pass with the caption work already done → velocity `[B, out_channels, H, W]`.
@@ -873,11 +902,11 @@ impl SanaTransformer2DModel {
         let x = hidden_states.to_dtype(self.dtype)?;
         let (b, c, hh, ww) = x.dims4()?;
         let p = self.cfg.patch_size;
-        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 || b != caption.batch {
+        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 || b != caption.tokens.len() {
             return Err(Error::Candle(candle_core::Error::Msg(format!(
                 "latents {:?} do not fit the model: want [{}, {}, H, W] with H and W multiples of {p}",
                 x.dims(),
-                caption.batch,
+                caption.tokens.len(),
                 self.cfg.in_channels
             ))));
         }
@@ -908,8 +937,8 @@ impl SanaTransformer2DModel {
         // 3. Timestep (and guidance) embedding.
         let (t6, embedded) = self.time_embed.forward(timestep, guidance, self.dtype)?;
         // 4. Blocks.
-        for (block, kv) in self.blocks.iter().zip(&caption.kv) {
-            hs = block.forward(&hs, kv, caption.bias.as_ref(), &t6, h, w)?;
+        for (block, items) in self.blocks.iter().zip(&caption.blocks) {
+            hs = block.forward(&hs, items, &t6, h, w)?;
         }
         // 5. Final layer: shift first, then scale, from the un-projected timestep embedding.
         let m = self

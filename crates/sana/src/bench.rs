@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
+use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
 use sana_model::ops::depthwise_conv2d;
 use sana_model::transformer::{SanaTransformer2DModel, SanaTransformerConfig, TransformerInput};
 use sana_model::weights::{random_var_builder, read_config};
@@ -60,6 +61,23 @@ enum Part {
         #[arg(long, default_value_t = 3)]
         kernel: usize,
     },
+    /// One AutoencoderDC decode of a real config (random weights), f32 on CPU.
+    Vae {
+        /// An AutoencoderDC config.json.
+        #[arg(
+            long,
+            default_value = "tests/fixtures/real-configs/vae/dc-ae-f32c32-sana-1.0.json"
+        )]
+        config: PathBuf,
+        /// Latent grid sizes to time, as HxW (16x16 decodes 512²).
+        #[arg(long, value_delimiter = ',', default_value = "16x16")]
+        latent: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Sana prompt encoding (Gemma-2 + instruction + empty negative prompt) of a real Gemma
+    /// config (random weights), f32 on CPU, cold and with the instruction prefix cached.
+    TextEncoder(TextEncoderBench),
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize)> {
@@ -189,6 +207,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 );
             }
         }
+        Part::TextEncoder(bench) => bench.run(&args)?,
+        Part::Vae {
+            config,
+            latent,
+            batch,
+        } => {
+            let cfg: AutoencoderDCConfig = read_config(config)?;
+            let model = AutoencoderDC::new(&cfg, random_var_builder(0.02, DType::F32, &dev))?;
+            let name = config.file_stem().unwrap_or_default().to_string_lossy();
+            for hw in latent {
+                let (h, w) = parse_hw(hw)?;
+                let z = Tensor::randn(0f32, 1., (*batch, cfg.latent_channels, h, w), &dev)?;
+                let (ours, _) = time_ms(args.warmup, args.repeat, || {
+                    model.decode(&z)?;
+                    Ok(())
+                })?;
+                let reference = args.reference(&[
+                    "vae".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--latent".into(),
+                    h.to_string(),
+                    w.to_string(),
+                    "--batch".into(),
+                    batch.to_string(),
+                ])?;
+                let ratio = cfg.spatial_compression_ratio();
+                args.report(
+                    &format!(
+                        "vae decode {name} latent {h}x{w} ({}x{} px) batch {batch} f32 cpu",
+                        h * ratio,
+                        w * ratio
+                    ),
+                    ours,
+                    reference,
+                );
+            }
+        }
         Part::Depthwise {
             channels,
             size,
@@ -220,4 +276,105 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+struct TextEncoderBench {
+    /// A Gemma-2 config.json.
+    #[arg(
+        long,
+        default_value = "tests/fixtures/real-configs/text_encoder/gemma-2-2b-it.json"
+    )]
+    config: PathBuf,
+    /// A folder with tokenizer.json (the real Gemma tokenizer cannot be downloaded here; the
+    /// fixture's one tokenizes the instruction's words as whole tokens, like Gemma's).
+    #[arg(long, default_value = "tests/fixtures/text_encoder/pipeline/tokenizer")]
+    tokenizer: PathBuf,
+    /// The prompt (12 words).
+    #[arg(
+        long,
+        default_value = "a small fluffy white cat sleeping peacefully on a warm sunny windowsill"
+    )]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 300)]
+    max_sequence_length: usize,
+}
+
+impl TextEncoderBench {
+    /// Times ours cold (instruction prefix computed in the call) and warm (prefix cached, prompt
+    /// not), then frees the model (~10.5 GB) before the reference builds its own.
+    fn run(&self, args: &BenchArgs) -> Result<()> {
+        use sana_model::text_encoder::{
+            EncodeOptions, Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
+            DEFAULT_COMPLEX_HUMAN_INSTRUCTION,
+        };
+        let dev = Device::Cpu;
+        let cfg: Gemma2Config = read_config(&self.config)?;
+        let start = Instant::now();
+        let model = Gemma2Model::new(&cfg, random_var_builder(0.02, DType::F32, &dev))?;
+        println!(
+            "text-encoder: built {} ({} parameters, random f32) in {:.1} s",
+            self.config.display(),
+            cfg.parameter_count(),
+            start.elapsed().as_secs_f64()
+        );
+        let tokenizer = GemmaTokenizer::from_file(&self.tokenizer.join("tokenizer.json"))?;
+        let enc = SanaTextEncoder::new(model, tokenizer).with_cache_capacity(0);
+        let (ids, mask) = enc.token_ids(&self.prompt, true, self.max_sequence_length)?;
+        let real = mask.iter().filter(|&&m| m == 1).count();
+        let n_chi = enc
+            .tokenizer()
+            .encode(&DEFAULT_COMPLEX_HUMAN_INSTRUCTION.join("\n"))?
+            .len();
+        println!(
+            "text-encoder: prompt {:?}: diffusers runs Gemma over {} + {} tokens; ours over the \
+             {} real ones, {} of them (<bos> + instruction) cached after the first call",
+            self.prompt,
+            ids.len(),
+            self.max_sequence_length,
+            real,
+            n_chi - 1
+        );
+        let opts = EncodeOptions {
+            max_sequence_length: self.max_sequence_length,
+            ..EncodeOptions::default()
+        };
+        let encode = || -> Result<()> {
+            enc.encode_prompt(&[&self.prompt], &[&self.negative_prompt], &opts)?;
+            Ok(())
+        };
+        let (cold, _) = time_ms(args.warmup, args.repeat, || {
+            enc.clear_caches();
+            encode()
+        })?;
+        let (warm, _) = time_ms(args.warmup, args.repeat, encode)?;
+        enc.set_cache_capacity(SanaTextEncoder::DEFAULT_CACHE_CAPACITY);
+        let (cached, _) = time_ms(1, args.repeat, encode)?;
+        drop(enc);
+        let reference = args.reference(&[
+            "text-encoder".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--tokenizer".into(),
+            self.tokenizer.display().to_string(),
+            "--prompt".into(),
+            self.prompt.clone(),
+            "--negative-prompt".into(),
+            self.negative_prompt.clone(),
+            "--max-sequence-length".into(),
+            self.max_sequence_length.to_string(),
+        ])?;
+        let name = self
+            .config
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let what = format!("text-encoder {name} prompt+instruction and negative, f32 cpu");
+        args.report(&format!("{what}, cold"), cold, reference.clone());
+        args.report(&format!("{what}, warm"), warm, reference.clone());
+        args.report(&format!("{what}, cached prompt"), cached, reference);
+        Ok(())
+    }
 }

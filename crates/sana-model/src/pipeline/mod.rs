@@ -1,4 +1,484 @@
-//! The Sana pipelines: prompts → text embeddings → sampling → decoding → RGB8 images
-//! (diffusers `SanaPipeline` and `SanaSprintPipeline`).
+//! The Sana pipelines: prompts → text embeddings → sampling → decoding → RGB8 images, as diffusers'
+//! `SanaPipeline` and `SanaSprintPipeline` (`diffusers/pipelines/sana/`) do it, from a folder in the
+//! diffusers layout.
+//!
+//! Beyond diffusers: several prompts with their own image count, seed, guidance and negative prompt
+//! in one batch (noise per image from its own seed, so an image does not depend on its batchmates),
+//! a per-step callback with the predicted clean latents and cancellation, text tokens trimmed to
+//! the longest prompt, the caption work done once per generation, and tiled decoding switched on
+//! when an un-tiled decode would exceed a memory budget.
 
 pub mod sampling;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::autoencoder::{AutoencoderDC, Tiling};
+use crate::image::{bin_table, classify_height_width_bin, resize_and_crop, to_rgb8};
+use crate::scheduler::{ScheduleOptions, SchedulerConfig};
+use crate::text_encoder::{PromptEmbeds, SanaTextEncoder};
+use crate::transformer::SanaTransformer2DModel;
+use crate::weights::read_config;
+use crate::{Error, Result};
+use sampling::{denoise, denoise_sprint, seeded_noise, Flow, Sampling, StepInfo};
+
+/// Which diffusers pipeline a folder holds (`model_index.json` `_class_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `SanaPipeline` (and `SanaPAGPipeline` folders, run without PAG): flow sampling with CFG.
+    Sana,
+    /// `SanaSprintPipeline`: few-step TrigFlow sampling with an embedded guidance.
+    Sprint,
+}
+
+/// dtypes of the three models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub transformer: DType,
+    pub text_encoder: DType,
+    pub vae: DType,
+}
+
+impl Precision {
+    /// The reference policy: f32 on CPU (candle's CPU convolutions have no bf16 path); on CUDA
+    /// the transformer in bf16, or f16 for the fp16-trained Sana-1.0 checkpoints (those ship an
+    /// `fp16` variant and no `bf16` one; bf16 degrades them), Gemma and the DC-AE in bf16 (never f16:
+    /// their activations overflow it).
+    pub fn default_for(device: &Device, transformer_dir: &Path) -> Self {
+        if device.is_cpu() {
+            return Self {
+                transformer: DType::F32,
+                text_encoder: DType::F32,
+                vae: DType::F32,
+            };
+        }
+        let has = |v: &str| {
+            transformer_dir
+                .join(format!("diffusion_pytorch_model.{v}.safetensors"))
+                .is_file()
+                || transformer_dir
+                    .join(format!(
+                        "diffusion_pytorch_model.safetensors.index.{v}.json"
+                    ))
+                    .is_file()
+        };
+        let transformer = if has("fp16") && !has("bf16") {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        Self {
+            transformer,
+            text_encoder: DType::BF16,
+            vae: DType::BF16,
+        }
+    }
+
+    /// Refuses f16 for Gemma and the DC-AE (they overflow it); other choices are allowed.
+    pub fn validate(&self) -> Result<()> {
+        for (field, dtype) in [("text_encoder", self.text_encoder), ("vae", self.vae)] {
+            if dtype == DType::F16 {
+                return Err(Error::Unsupported {
+                    field,
+                    value: "f16".into(),
+                    reason: "its activations overflow f16; use bf16 or f32".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How to load a pipeline folder.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// `None`: [`Precision::default_for`].
+    pub precision: Option<Precision>,
+    /// Weight-file variant to prefer (`fp16`, `bf16`), per model where present.
+    pub variant: Option<String>,
+    /// Decode in tiles when an un-tiled decode would need more than this many bytes.
+    pub decode_budget_bytes: usize,
+}
+
+impl LoadOptions {
+    /// Defaults for a device: precision by policy, 4 GiB decode budget on CPU, 16 GiB on GPUs.
+    pub fn new(device: Device) -> Self {
+        let decode_budget_bytes = if device.is_cpu() { 4 << 30 } else { 16 << 30 };
+        Self {
+            device,
+            precision: None,
+            variant: None,
+            decode_budget_bytes,
+        }
+    }
+}
+
+/// One prompt of a request and its images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRequest {
+    pub prompt: String,
+    /// diffusers' default is the empty string.
+    pub negative_prompt: String,
+    /// Images for this prompt; image `j` uses seed `seed + j`.
+    pub num_images: usize,
+    pub seed: u64,
+    pub guidance_scale: f32,
+}
+
+/// A generation: prompts that share a size and a step count.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub items: Vec<ItemRequest>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Generate at the model's nearest trained aspect ratio, then resize and crop back.
+    pub use_resolution_binning: bool,
+    pub max_sequence_length: usize,
+    /// Prepend the complex human instruction to the positive prompts.
+    pub complex_human_instruction: bool,
+    /// Initial latents `[images, C, h/32, w/32]` replacing the seeded noise (parity tests, replays).
+    pub latents: Option<Tensor>,
+    /// Custom schedule arguments (sigmas, timesteps, Sprint angles).
+    pub schedule: ScheduleOptions,
+    /// A sampler other than the folder's `scheduler/scheduler_config.json`.
+    pub scheduler: Option<SchedulerConfig>,
+}
+
+impl GenerateRequest {
+    /// One prompt with diffusers' defaults (1024², 20 steps, guidance 4.5, binning, instruction).
+    pub fn new(prompt: &str) -> Self {
+        Self {
+            items: vec![ItemRequest {
+                prompt: prompt.to_string(),
+                negative_prompt: String::new(),
+                num_images: 1,
+                seed: 0,
+                guidance_scale: 4.5,
+            }],
+            width: 1024,
+            height: 1024,
+            steps: 20,
+            use_resolution_binning: true,
+            max_sequence_length: 300,
+            complex_human_instruction: true,
+            latents: None,
+            schedule: ScheduleOptions::default(),
+            scheduler: None,
+        }
+    }
+}
+
+/// A generated image, interleaved RGB8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedImage {
+    pub width: usize,
+    pub height: usize,
+    pub rgb8: Vec<u8>,
+    /// The seed its noise came from.
+    pub seed: u64,
+}
+
+/// What the per-step callback sees.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub steps: usize,
+    /// Predicted clean latents `[images, C, h, w]` of this step (decode with
+    /// [`SanaPipeline::decode_latents`] for a preview).
+    pub predicted: Option<&'a Tensor>,
+}
+
+/// A loaded pipeline.
+pub struct SanaPipeline {
+    kind: PipelineKind,
+    text_encoder: SanaTextEncoder,
+    transformer: SanaTransformer2DModel,
+    vae: AutoencoderDC,
+    scheduler: SchedulerConfig,
+    precision: Precision,
+    device: Device,
+    decode_budget_bytes: usize,
+}
+
+impl SanaPipeline {
+    /// Loads a folder in the diffusers layout (`model_index.json`, `scheduler/`, `text_encoder/`,
+    /// `tokenizer/`, `transformer/`, `vae/`).
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        let index: serde_json::Value = read_config(&root.join("model_index.json"))?;
+        let kind = match index["_class_name"].as_str() {
+            Some("SanaPipeline" | "SanaPAGPipeline") => PipelineKind::Sana,
+            Some("SanaSprintPipeline") => PipelineKind::Sprint,
+            other => {
+                return Err(Error::Unsupported {
+                    field: "_class_name",
+                    value: format!("{other:?}"),
+                    reason: "model_index.json must name SanaPipeline or SanaSprintPipeline".into(),
+                })
+            }
+        };
+        let precision = opts
+            .precision
+            .unwrap_or_else(|| Precision::default_for(&opts.device, &root.join("transformer")));
+        precision.validate()?;
+        let variant = opts.variant.as_deref();
+        let dev = &opts.device;
+        let transformer = SanaTransformer2DModel::load(
+            &root.join("transformer"),
+            variant,
+            precision.transformer,
+            dev,
+        )?;
+        let vae = AutoencoderDC::load(&root.join("vae"), variant, precision.vae, dev)?;
+        let text_encoder = SanaTextEncoder::load(
+            &root.join("text_encoder"),
+            &root.join("tokenizer"),
+            precision.text_encoder,
+            dev,
+        )?;
+        let scheduler = SchedulerConfig::from_file(root.join("scheduler/scheduler_config.json"))?;
+        if kind == PipelineKind::Sprint && !matches!(scheduler, SchedulerConfig::SCMScheduler(_)) {
+            return Err(Error::Unsupported {
+                field: "scheduler",
+                value: "not SCMScheduler".into(),
+                reason: "SanaSprintPipeline samples with SCMScheduler".into(),
+            });
+        }
+        Ok(Self {
+            kind,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler,
+            precision,
+            device: opts.device.clone(),
+            decode_budget_bytes: opts.decode_budget_bytes,
+        })
+    }
+
+    pub fn kind(&self) -> PipelineKind {
+        self.kind
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn transformer(&self) -> &SanaTransformer2DModel {
+        &self.transformer
+    }
+
+    pub fn text_encoder(&self) -> &SanaTextEncoder {
+        &self.text_encoder
+    }
+
+    pub fn scheduler(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Pixels per latent cell along each axis (32 for the DC-AE f32c32).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().spatial_compression_ratio()
+    }
+
+    /// The size the model actually generates for a requested one (binning, if asked and the
+    /// transformer's `sample_size` has a table).
+    pub fn generation_size(&self, height: usize, width: usize, binning: bool) -> (usize, usize) {
+        match bin_table(self.transformer.config().sample_size) {
+            Some(table) if binning => {
+                let (h, w) = classify_height_width_bin(height as u32, width as u32, table);
+                (h as usize, w as usize)
+            }
+            _ => (height, width),
+        }
+    }
+
+    /// Latents → images in [−1, 1] `[B, 3, H, W]` (f32), tiled when an un-tiled decode would
+    /// exceed the memory budget.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = latents.dims4()?;
+        let z = (latents.to_dtype(DType::F32)? / self.vae.config().scaling_factor)?
+            .to_dtype(self.vae.dtype())?;
+        let tiling = self
+            .vae
+            .decode_exceeds(b, h, w, self.decode_budget_bytes)
+            .then(|| {
+                let f = self.vae_scale_factor();
+                if h * f >= 4096 || w * f >= 4096 {
+                    Tiling::for_4k()
+                } else {
+                    Tiling::default()
+                }
+            });
+        Ok(self
+            .vae
+            .decode_with(&z, tiling.as_ref())?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Runs a request; `on_step` sees every step and may stop the generation (then `Ok(None)`).
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Option<Vec<GeneratedImage>>> {
+        let invalid = |field: &'static str, value: String, reason: String| Error::Unsupported {
+            field,
+            value,
+            reason,
+        };
+        if req.items.is_empty() || req.items.iter().any(|i| i.num_images == 0) {
+            return Err(invalid(
+                "items",
+                format!("{} items", req.items.len()),
+                "need at least one prompt, each with at least one image".into(),
+            ));
+        }
+        if req.steps == 0 {
+            return Err(invalid(
+                "steps",
+                "0".into(),
+                "need at least one step".into(),
+            ));
+        }
+        // 1. Size: binning, then the latent grid.
+        let (height, width) =
+            self.generation_size(req.height, req.width, req.use_resolution_binning);
+        let multiple = self.vae_scale_factor() * self.transformer.config().patch_size;
+        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+            return Err(invalid(
+                "size",
+                format!("{width}x{height}"),
+                format!("width and height must be positive multiples of {multiple}"),
+            ));
+        }
+        let f = self.vae_scale_factor();
+        let (lh, lw) = (height / f, width / f);
+        let channels = self.transformer.config().in_channels;
+        // 2. One row per image: seeds, guidance, and the prompt rows to repeat.
+        let mut seeds = Vec::new();
+        let mut guidance = Vec::new();
+        let mut rows = Vec::new();
+        for (i, item) in req.items.iter().enumerate() {
+            for j in 0..item.num_images {
+                seeds.push(item.seed.wrapping_add(j as u64));
+                guidance.push(item.guidance_scale);
+                rows.push(i as u32);
+            }
+        }
+        let images = seeds.len();
+        let cfg = self.kind == PipelineKind::Sana && guidance.iter().any(|&g| g > 1.0);
+        // 3. Text: each distinct prompt once, then one row per image ([negative; positive] for CFG).
+        let prompts: Vec<&str> = req.items.iter().map(|i| i.prompt.as_str()).collect();
+        let rows = Tensor::new(rows.as_slice(), &self.device)?;
+        let expand = |p: PromptEmbeds| -> Result<PromptEmbeds> {
+            Ok(PromptEmbeds {
+                embeds: p.embeds.index_select(&rows, 0)?,
+                mask: p.mask.index_select(&rows, 0)?,
+            })
+        };
+        let positive = expand(self.text_encoder.encode(
+            &prompts,
+            req.complex_human_instruction,
+            req.max_sequence_length,
+        )?)?;
+        let text = if cfg {
+            let negatives: Vec<&str> = req
+                .items
+                .iter()
+                .map(|i| i.negative_prompt.as_str())
+                .collect();
+            let negative = expand(self.text_encoder.encode(
+                &negatives,
+                false,
+                req.max_sequence_length,
+            )?)?;
+            PromptEmbeds {
+                embeds: Tensor::cat(&[&negative.embeds, &positive.embeds], 0)?,
+                mask: Tensor::cat(&[&negative.mask, &positive.mask], 0)?,
+            }
+        } else {
+            positive
+        };
+        let caption = self
+            .transformer
+            .prepare_caption(&text.embeds, Some(&text.mask))?;
+        // 4. Initial latents: given, or each image's own seeded noise.
+        let latents = match &req.latents {
+            Some(l) => {
+                if l.dims() != [images, channels, lh, lw] {
+                    return Err(invalid(
+                        "latents",
+                        format!("{:?}", l.dims()),
+                        format!("expected [{images}, {channels}, {lh}, {lw}]"),
+                    ));
+                }
+                l.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            None => seeded_noise(&seeds, (channels, lh, lw), 0, &self.device)?,
+        };
+        // 5. Sample.
+        let sampling = Sampling {
+            scheduler: req.scheduler.as_ref().unwrap_or(&self.scheduler),
+            steps: req.steps,
+            schedule: req.schedule.clone(),
+            guidance: &guidance,
+            cfg,
+        };
+        let device = self.device.clone();
+        let mut noise =
+            |step: usize| seeded_noise(&seeds, (channels, lh, lw), 1 + step as u64, &device);
+        let mut report = |info: StepInfo| {
+            on_step(Progress {
+                step: info.step,
+                steps: info.steps,
+                predicted: info.predicted,
+            })
+        };
+        let latents = match self.kind {
+            PipelineKind::Sana => denoise(
+                &self.transformer,
+                &caption,
+                latents,
+                &sampling,
+                &mut noise,
+                &mut report,
+            )?,
+            PipelineKind::Sprint => denoise_sprint(
+                &self.transformer,
+                &caption,
+                latents,
+                &sampling,
+                self.precision.text_encoder,
+                &mut noise,
+                &mut report,
+            )?,
+        };
+        let Some(latents) = latents else {
+            return Ok(None);
+        };
+        // 6. Decode, resize back to the requested size, RGB8.
+        let mut decoded = self.decode_latents(&latents)?;
+        if (height, width) != (req.height, req.width) {
+            decoded = resize_and_crop(&decoded, req.height, req.width)?;
+        }
+        let pixels = to_rgb8(&decoded)?;
+        Ok(Some(
+            pixels
+                .into_iter()
+                .zip(seeds)
+                .map(|(rgb8, seed)| GeneratedImage {
+                    width: req.width,
+                    height: req.height,
+                    rgb8,
+                    seed,
+                })
+                .collect(),
+        ))
+    }
+}

@@ -1,0 +1,225 @@
+//! [`sana_backend::Backend`] for the candle pipeline: what the engine's device workers run.
+
+use candle_core::{DType, IndexOp, Tensor};
+use sana_backend::{
+    Backend, BackendError, Batch, Control, Image, ModelInfo, Preview, Progress as StepProgress,
+    Sampler,
+};
+
+use crate::image::{resize_and_crop, to_rgb8};
+use crate::pipeline::sampling::Flow;
+use crate::pipeline::{GenerateRequest, ItemRequest, PipelineKind, SanaPipeline};
+use crate::scheduler::SchedulerConfig;
+use crate::Error;
+
+/// A loaded [`SanaPipeline`] behind the engine's backend seam.
+pub struct SanaBackend {
+    pipe: SanaPipeline,
+    info: ModelInfo,
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+impl SanaBackend {
+    /// `model_id`: how the API names the model; `max_batch_images`: most images per forward.
+    pub fn new(pipe: SanaPipeline, model_id: &str, max_batch_images: usize) -> Self {
+        let multiple = (pipe.vae_scale_factor() * pipe.transformer().config().patch_size) as u32;
+        let native = (pipe.transformer().config().sample_size * pipe.vae_scale_factor()) as u32;
+        let max = (2 * native).min(native.max(4096));
+        let default_sampler = match pipe.scheduler() {
+            SchedulerConfig::DPMSolverMultistepScheduler(_) => Sampler::DpmSolverMultistep,
+            SchedulerConfig::FlowMatchEulerDiscreteScheduler(_) => Sampler::FlowMatchEuler,
+            SchedulerConfig::SCMScheduler(_) => Sampler::Scm,
+        };
+        let (samplers, default_steps) = match pipe.kind() {
+            PipelineKind::Sana => (
+                vec![Sampler::DpmSolverMultistep, Sampler::FlowMatchEuler],
+                20,
+            ),
+            PipelineKind::Sprint => (vec![Sampler::Scm], 2),
+        };
+        let device = match pipe.device().location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        let info = ModelInfo {
+            model_id: model_id.to_string(),
+            dtype: dtype_name(pipe.precision().transformer).to_string(),
+            device,
+            min_width: multiple,
+            min_height: multiple,
+            max_width: max,
+            max_height: max,
+            size_multiple: multiple,
+            default_width: native,
+            default_height: native,
+            default_steps,
+            default_guidance_scale: 4.5,
+            default_sampler,
+            samplers,
+            max_batch_images: max_batch_images.max(1),
+        };
+        Self { pipe, info }
+    }
+
+    /// The pipeline's sampler for a requested one: the folder's config when it is that sampler,
+    /// else the same flow shift under the other solver.
+    fn scheduler_for(&self, sampler: Sampler) -> Result<Option<SchedulerConfig>, BackendError> {
+        let own = self.pipe.scheduler();
+        let shift = match own {
+            SchedulerConfig::DPMSolverMultistepScheduler(c) => c.flow_shift,
+            SchedulerConfig::FlowMatchEulerDiscreteScheduler(c) => c.shift,
+            SchedulerConfig::SCMScheduler(_) => 1.0,
+        };
+        let json = match (sampler, own) {
+            (Sampler::DpmSolverMultistep, SchedulerConfig::DPMSolverMultistepScheduler(_))
+            | (Sampler::FlowMatchEuler, SchedulerConfig::FlowMatchEulerDiscreteScheduler(_))
+            | (Sampler::Scm, SchedulerConfig::SCMScheduler(_)) => return Ok(None),
+            (Sampler::DpmSolverMultistep, _) if self.pipe.kind() == PipelineKind::Sana => format!(
+                r#"{{"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "flow_prediction",
+                   "use_flow_sigmas": true, "flow_shift": {shift}, "algorithm_type": "dpmsolver++",
+                   "solver_order": 2, "final_sigmas_type": "zero", "lower_order_final": true}}"#
+            ),
+            (Sampler::FlowMatchEuler, _) if self.pipe.kind() == PipelineKind::Sana => {
+                format!(r#"{{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": {shift}}}"#)
+            }
+            (other, _) => {
+                return Err(BackendError::InvalidInput(format!(
+                    "sampler `{other}` is not available for this model; use one of: {}",
+                    self.info
+                        .samplers
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        };
+        SchedulerConfig::from_json(&json)
+            .map(Some)
+            .map_err(|e| BackendError::Internal(e.to_string()))
+    }
+
+    /// RGB8 previews of the requested images from a step's predicted clean latents.
+    fn previews(
+        &self,
+        batch: &Batch,
+        step: u32,
+        steps: u32,
+        predicted: &Tensor,
+    ) -> Result<Vec<Preview>, Error> {
+        let mut out = Vec::new();
+        let mut row = 0usize;
+        for (item_index, item) in batch.items.iter().enumerate() {
+            if item.wants_preview(step, steps) {
+                let rows = predicted.i(row..row + item.n as usize)?;
+                let mut decoded = self.pipe.decode_latents(&rows)?;
+                let (h, w) = (batch.key.height as usize, batch.key.width as usize);
+                if decoded.dims()[2..] != [h, w] {
+                    decoded = resize_and_crop(&decoded, h, w)?;
+                }
+                for (j, rgb8) in to_rgb8(&decoded)?.into_iter().enumerate() {
+                    out.push(Preview {
+                        item: item_index,
+                        image_index: j as u32,
+                        image: Image::new(batch.key.width, batch.key.height, rgb8)
+                            .map_err(|e| Error::Weights(e.to_string()))?,
+                    });
+                }
+            }
+            row += item.n as usize;
+        }
+        Ok(out)
+    }
+}
+
+fn backend_error(e: Error) -> BackendError {
+    match e {
+        Error::Unsupported { .. } => BackendError::InvalidInput(e.to_string()),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+impl Backend for SanaBackend {
+    fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    fn health(&self) -> Result<(), BackendError> {
+        Tensor::ones(4, DType::F32, self.pipe.device())
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .map_err(|e| BackendError::Internal(format!("device check failed: {e}")))
+            .and_then(|v| {
+                (v == 4.0)
+                    .then_some(())
+                    .ok_or_else(|| BackendError::Internal(format!("device check returned {v}")))
+            })
+    }
+
+    fn generate(
+        &mut self,
+        batch: &Batch,
+        progress: &mut dyn FnMut(StepProgress) -> Control,
+    ) -> Result<Vec<Image>, BackendError> {
+        let key = batch.key;
+        let mut req = GenerateRequest::new("");
+        req.items = batch
+            .items
+            .iter()
+            .map(|it| ItemRequest {
+                prompt: it.prompt.clone(),
+                negative_prompt: it.negative_prompt.clone().unwrap_or_default(),
+                num_images: it.n as usize,
+                seed: it.seed,
+                guidance_scale: it.guidance_scale,
+            })
+            .collect();
+        req.width = key.width as usize;
+        req.height = key.height as usize;
+        req.steps = key.steps as usize;
+        req.scheduler = self.scheduler_for(key.sampler)?;
+        let mut failure = None;
+        let result = self.pipe.generate(&req, &mut |p| {
+            let (step, steps) = (p.step as u32, p.steps as u32);
+            let previews = match p.predicted {
+                Some(pred) if batch.items.iter().any(|it| it.wants_preview(step, steps)) => {
+                    match self.previews(batch, step, steps, pred) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            failure = Some(e);
+                            return Flow::Stop;
+                        }
+                    }
+                }
+                _ => Vec::new(),
+            };
+            match progress(StepProgress {
+                step,
+                steps,
+                previews,
+            }) {
+                Control::Continue => Flow::Continue,
+                Control::Stop => Flow::Stop,
+            }
+        });
+        if let Some(e) = failure {
+            return Err(backend_error(e));
+        }
+        let images = result
+            .map_err(backend_error)?
+            .ok_or(BackendError::Cancelled)?;
+        images
+            .into_iter()
+            .map(|img| Image::new(img.width as u32, img.height as u32, img.rgb8))
+            .collect()
+    }
+}

@@ -1,0 +1,262 @@
+//! `sana generate`: text to image files from the command line, with flags mirroring diffusers'
+//! `SanaPipeline.__call__`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sana_model::pipeline::sampling::Flow;
+use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, Precision, SanaPipeline};
+use sana_model::source::{resolve, HubOptions, ModelSource};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a Hub repo id (org/name[@revision]).
+    #[arg(long, env = "SANA_MODEL")]
+    model: String,
+    /// The prompt; repeat the flag for several prompts in one batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Negative prompt (one for all prompts, or one per --prompt).
+    #[arg(long)]
+    negative_prompt: Vec<String>,
+    /// Denoising steps (default: 20, or 2 for SANA-Sprint).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (classifier-free; embedded for SANA-Sprint).
+    #[arg(long, default_value_t = 4.5)]
+    guidance_scale: f32,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Seed of the first image; image i of a prompt uses seed + i, prompt k starts at seed + k·n.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// A safetensors file with a tensor `latents` [images, C, h, w] replacing the initial noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Generate at exactly --width x --height instead of the nearest trained aspect ratio.
+    #[arg(long)]
+    no_resolution_binning: bool,
+    #[arg(long, default_value_t = 300)]
+    max_sequence_length: usize,
+    /// Do not prepend the complex human instruction to the prompt.
+    #[arg(long)]
+    no_complex_human_instruction: bool,
+    /// Weights dtype: auto (f32 on CPU; bf16, or f16 for fp16-trained checkpoints, on CUDA), f32,
+    /// bf16 or f16 (Gemma and the DC-AE then stay in bf16: they overflow f16).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output file; the format follows the extension (png, jpg/jpeg, webp). Several images are
+    /// written as name-0.png, name-1.png, ...
+    #[arg(long, short, default_value = "sana.png")]
+    output: PathBuf,
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {s:?}: expected cpu, cuda or cuda:N"))?,
+                None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this build has no CUDA support (build with the cuda feature)");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open the GPU"))
+        }
+    }
+}
+
+fn parse_precision(s: &str, device: &Device, transformer_dir: &Path) -> Result<Precision> {
+    let one = |d: DType| Precision {
+        transformer: d,
+        text_encoder: if d == DType::F16 { DType::BF16 } else { d },
+        vae: if d == DType::F16 { DType::BF16 } else { d },
+    };
+    Ok(match s {
+        "auto" => Precision::default_for(device, transformer_dir),
+        "f32" => one(DType::F32),
+        "bf16" => one(DType::BF16),
+        "f16" => one(DType::F16),
+        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+/// `out.png` for one image, `out-0.png`, `out-1.png`, … for several.
+fn output_paths(output: &Path, count: usize) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = output
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (0..count)
+        .map(|i| output.with_file_name(format!("{stem}-{i}{ext}")))
+        .collect()
+}
+
+fn image_format(path: &Path) -> Result<image::ImageFormat> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    Ok(match ext.as_deref() {
+        Some("png") => image::ImageFormat::Png,
+        Some("jpg" | "jpeg") => image::ImageFormat::Jpeg,
+        Some("webp") => image::ImageFormat::WebP,
+        _ => bail!(
+            "--output {}: the extension must be png, jpg, jpeg or webp",
+            path.display()
+        ),
+    })
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let format = image_format(&args.output)?;
+    if !args.negative_prompt.is_empty()
+        && ![1, args.prompt.len()].contains(&args.negative_prompt.len())
+    {
+        bail!(
+            "--negative-prompt given {} times for {} prompts: give it once or once per prompt",
+            args.negative_prompt.len(),
+            args.prompt.len()
+        );
+    }
+    let device = parse_device(&args.device)?;
+    let root = resolve(&ModelSource::parse(&args.model)?, &HubOptions::from_env())?;
+    let mut opts = LoadOptions::new(device.clone());
+    opts.precision = Some(parse_precision(
+        &args.dtype,
+        &device,
+        &root.join("transformer"),
+    )?);
+    let pipe =
+        SanaPipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
+    let steps = args.steps.unwrap_or(match pipe.kind() {
+        sana_model::pipeline::PipelineKind::Sana => 20,
+        sana_model::pipeline::PipelineKind::Sprint => 2,
+    });
+    let items = args
+        .prompt
+        .iter()
+        .enumerate()
+        .map(|(k, prompt)| ItemRequest {
+            prompt: prompt.clone(),
+            negative_prompt: args
+                .negative_prompt
+                .get(if args.negative_prompt.len() == 1 {
+                    0
+                } else {
+                    k
+                })
+                .cloned()
+                .unwrap_or_default(),
+            num_images: args.num_images,
+            seed: args.seed.wrapping_add((k * args.num_images) as u64),
+            guidance_scale: args.guidance_scale,
+        })
+        .collect();
+    let latents = match &args.latents {
+        Some(path) => Some(
+            candle_core::safetensors::load(path, &device)
+                .with_context(|| format!("--latents {}", path.display()))?
+                .remove("latents")
+                .with_context(|| {
+                    format!("--latents {}: no tensor named `latents`", path.display())
+                })?,
+        ),
+        None => None,
+    };
+    let req = GenerateRequest {
+        items,
+        width: args.width,
+        height: args.height,
+        steps,
+        use_resolution_binning: !args.no_resolution_binning,
+        max_sequence_length: args.max_sequence_length,
+        complex_human_instruction: !args.no_complex_human_instruction,
+        latents,
+        schedule: Default::default(),
+        scheduler: None,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] step {pos}/{len} ({eta} left)",
+            )
+            .expect("static template; this is a bug"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let images = pipe
+        .generate(&req, &mut |p| {
+            bar.set_position(p.step as u64);
+            Flow::Continue
+        })?
+        .context("generation stopped")?;
+    bar.finish_and_clear();
+    for (img, path) in images.iter().zip(output_paths(&args.output, images.len())) {
+        let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.rgb8.clone())
+            .context("image buffer size; this is a bug")?;
+        buf.save_with_format(&path, format)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("{} (seed {})", path.display(), img.seed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_and_formats() {
+        assert_eq!(
+            output_paths(Path::new("a/out.png"), 1),
+            [PathBuf::from("a/out.png")]
+        );
+        assert_eq!(
+            output_paths(Path::new("a/out.webp"), 2),
+            [PathBuf::from("a/out-0.webp"), PathBuf::from("a/out-1.webp")]
+        );
+        assert_eq!(
+            image_format(Path::new("x.JPG")).unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        assert!(image_format(Path::new("x.gif"))
+            .unwrap_err()
+            .to_string()
+            .contains("png"));
+    }
+
+    #[test]
+    fn devices() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("cuda:N"));
+        assert!(parse_device("cuda:x").is_err());
+    }
+}

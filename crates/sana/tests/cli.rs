@@ -1,0 +1,303 @@
+//! Black-box tests of the `sana` binary on a tiny random pipeline assembled from the committed
+//! fixtures (the real model code path; no network, CPU only).
+
+// ureq::Error is what the client returns; boxing it buys nothing in a test.
+#![allow(clippy::result_large_err)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+fn sana() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sana"))
+}
+
+/// A diffusers folder: the pipeline fixture's transformer and scheduler with the tokenizer, Gemma
+/// and DC-AE of the other fixtures, symlinked into a fresh temp folder.
+fn model_dir(tag: &str) -> PathBuf {
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .canonicalize()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sana-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (src, dst) in [
+        ("pipeline/sana/model_index.json", "model_index.json"),
+        ("pipeline/sana/transformer", "transformer"),
+        ("pipeline/sana/scheduler", "scheduler"),
+        ("text_encoder/pipeline/text_encoder", "text_encoder"),
+        ("text_encoder/pipeline/tokenizer", "tokenizer"),
+        ("autoencoder/sana_small", "vae"),
+    ] {
+        std::os::unix::fs::symlink(fx.join(src), dir.join(dst)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn generate_writes_decodable_images() {
+    let model = model_dir("gen");
+    let out = std::env::temp_dir().join(format!("sana-cli-out-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let status = sana()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args([
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--num-images",
+            "2",
+        ])
+        .args([
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--no-resolution-binning",
+        ])
+        .arg("--output")
+        .arg(out.join("img.jpg"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for i in 0..4 {
+        let path = out.join(format!("img-{i}.jpg"));
+        let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!((img.width(), img.height()), (96, 64));
+    }
+    // The same seed gives the same image.
+    let again = out.join("again.png");
+    for path in [&again, &out.join("again2.png")] {
+        let ok = sana()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args([
+                "--prompt",
+                "a red circle",
+                "--width",
+                "96",
+                "--height",
+                "64",
+                "--steps",
+                "2",
+                "--seed",
+                "3",
+            ])
+            .arg("--output")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    assert_eq!(
+        image::open(&again).unwrap().to_rgb8().into_raw(),
+        image::open(out.join("again2.png"))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    );
+}
+
+#[test]
+fn generate_errors_are_one_line() {
+    let model = model_dir("err");
+    for (args, needle) in [
+        (vec!["--output", "x.gif"], "png, jpg, jpeg or webp"),
+        (vec!["--device", "tpu"], "cuda:N"),
+        (
+            vec!["--width", "100", "--no-resolution-binning"],
+            "multiples of 32",
+        ),
+    ] {
+        let out = sana()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--prompt", "x", "--steps", "1"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    /// The server's stderr (a file, not a pipe: an unread pipe would fill and block its logging).
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(model: &Path, extra: &[&str]) -> Server {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::env::temp_dir().join(format!("sana-cli-serve-{port}.log"));
+    let child = sana()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--devices",
+            "cpu",
+            "--port",
+            &port.to_string(),
+            "--model",
+        ])
+        .arg(model)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port, log };
+    let start = Instant::now();
+    // /ready needs the API key when one is set.
+    let key = extra.windows(2).find(|w| w[0] == "--api-key").map(|w| w[1]);
+    let ready = || {
+        let mut req = ureq::get(&format!("http://127.0.0.1:{port}/ready"));
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        req.call().is_ok()
+    };
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+fn generate(
+    port: u16,
+    body: serde_json::Value,
+    key: Option<&str>,
+) -> Result<ureq::Response, ureq::Error> {
+    let mut req = ureq::post(&format!("http://127.0.0.1:{port}/v1/images/generations"));
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    req.send_json(body)
+}
+
+#[test]
+fn serve_answers_generations_and_drains_on_sigterm() {
+    let model = model_dir("serve");
+    let mut server = serve(&model, &[]);
+    let port = server.port;
+    let resp = generate(port, serde_json::json!({"prompt": "a red circle", "size": "96x64", "n": 2, "num_inference_steps": 2}), None).unwrap();
+    assert!(resp.header("x-total-time").is_some());
+    let body: serde_json::Value = resp.into_json().unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for d in data {
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(d["b64_json"].as_str().unwrap())
+            .unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (96, 64));
+    }
+    // url: fetch the stored image.
+    let body: serde_json::Value = generate(port, serde_json::json!({"prompt": "x", "size": "64x64", "response_format": "url", "num_inference_steps": 1}), None)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let url = body["data"][0]["url"].as_str().unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut ureq::get(url).call().unwrap().into_reader(),
+        &mut bytes,
+    )
+    .unwrap();
+    assert!(image::load_from_memory(&bytes).is_ok());
+    // SIGTERM with a request in flight: it is answered, then the process exits cleanly.
+    let slow = std::thread::spawn(move || {
+        generate(
+            port,
+            serde_json::json!({"prompt": "slow", "size": "256x256", "num_inference_steps": 20}),
+            None,
+        )
+        .map(|r| r.status())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(
+        slow.join().unwrap().unwrap(),
+        200,
+        "the in-flight request is answered"
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("drained=true"), "{log}");
+}
+
+#[test]
+fn serve_refuses_without_a_key_and_under_overload() {
+    let model = model_dir("auth");
+    let server = serve(
+        &model,
+        &["--api-key", "s3cret", "--max-concurrent-requests", "1"],
+    );
+    let port = server.port;
+    let body = serde_json::json!({"prompt": "x", "size": "64x64", "num_inference_steps": 1});
+    match generate(port, body.clone(), None) {
+        Err(ureq::Error::Status(401, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap();
+            assert!(v["error"]["message"].is_string(), "{v}");
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    assert_eq!(generate(port, body, Some("s3cret")).unwrap().status(), 200);
+    // One admitted at a time: while a long request runs, another is refused at once with 429.
+    let first = std::thread::spawn(move || {
+        let body =
+            serde_json::json!({"prompt": "long", "size": "1024x1024", "num_inference_steps": 50});
+        generate(port, body, Some("s3cret")).map(|r| r.status())
+    });
+    let mut refused = false;
+    while !first.is_finished() {
+        match generate(
+            port,
+            serde_json::json!({"prompt": "y", "size": "64x64"}),
+            Some("s3cret"),
+        ) {
+            Err(ureq::Error::Status(429, r)) => {
+                assert!(r.header("retry-after").is_some(), "429 carries Retry-After");
+                refused = true;
+                break;
+            }
+            Ok(_) => {} // the long one was not admitted yet
+            Err(e) => panic!("unexpected answer {e}"),
+        }
+    }
+    assert!(refused, "no 429 while the long request was running");
+    assert_eq!(first.join().unwrap().unwrap(), 200);
+}
