@@ -8,6 +8,7 @@ pub mod backend;
 mod error;
 pub mod image;
 mod nn;
+pub mod nvlabs;
 pub mod ops;
 pub mod pipeline;
 pub mod scheduler;
