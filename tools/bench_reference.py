@@ -107,12 +107,67 @@ def text_encoder_setup(args: argparse.Namespace):
     )
 
 
+def pipeline_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--transformer-config", required=True)
+    parser.add_argument("--vae-config", required=True)
+    parser.add_argument("--text-encoder-config", required=True)
+    parser.add_argument("--tokenizer", required=True, help="a tokenizer folder")
+    parser.add_argument("--scheduler-config", required=True)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=4.5)
+    parser.add_argument("--prompt", default="a cyberpunk cat with a neon sign that says sana on a rainy night street")
+
+
+def pipeline_setup(args: argparse.Namespace):
+    """SanaPipeline end to end (default instruction, CFG, binning), with the time of each stage of the last run."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    def load(path):
+        with open(path) as f:
+            return json.load(f)
+
+    pipe = SanaPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(args.tokenizer),
+        text_encoder=Gemma2Model(Gemma2Config(**load(args.text_encoder_config), attn_implementation="eager")).eval(),
+        vae=AutoencoderDC.from_config(load(args.vae_config)).eval(),
+        transformer=SanaTransformer2DModel.from_config(load(args.transformer_config)).eval(),
+        scheduler=DPMSolverMultistepScheduler.from_config(load(args.scheduler_config)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    stages = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+            return out
+        return wrapper
+
+    pipe.encode_prompt = timed("encode", pipe.encode_prompt)
+    pipe.transformer.forward = timed("step", pipe.transformer.forward)
+    pipe.vae.decode = timed("decode", pipe.vae.decode)
+
+    def run():
+        stages.clear()
+        pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
+             guidance_scale=args.guidance_scale, output_type="pil")
+
+    run.report = lambda: dict(encode_ms=round(sum(stages["encode"]), 3),
+                              step_ms_mean=round(statistics.mean(stages["step"]), 3),
+                              decode_ms=round(sum(stages["decode"]), 3))
+    return run
+
+
 # part name -> (add its arguments, build a callable to time, what is being timed)
 PARTS = {
     "transformer": (transformer_args, transformer_setup, "diffusers"),
     "depthwise": (depthwise_args, depthwise_setup, "torch"),
     "vae": (vae_args, vae_setup, "diffusers"),
     "text-encoder": (text_encoder_args, text_encoder_setup, "diffusers"),
+    "pipeline": (pipeline_args, pipeline_setup, "diffusers"),
 }
 
 
@@ -148,6 +203,8 @@ def main(argv):
                 "repeat": args.repeat,
                 "torch": torch.__version__,
                 "threads": args.threads,
+                # parts that time their stages report them (from the last run)
+                **(run.report() if hasattr(run, "report") else {}),
             }
         )
     )

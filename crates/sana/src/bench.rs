@@ -78,6 +78,9 @@ enum Part {
     /// Sana prompt encoding (Gemma-2 + instruction + empty negative prompt) of a real Gemma
     /// config (random weights), f32 on CPU, cold and with the instruction prefix cached.
     TextEncoder(TextEncoderBench),
+    /// The whole SanaPipeline (prompt → image) of real configs (random weights), f32 on CPU, with
+    /// the time of each stage.
+    Pipeline(PipelineBench),
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize)> {
@@ -104,7 +107,7 @@ fn time_ms(warmup: usize, repeat: usize, mut f: impl FnMut() -> Result<()>) -> R
 
 impl BenchArgs {
     /// Runs the reference script and returns its mean milliseconds, or `None` without a Python.
-    fn reference(&self, part_args: &[String]) -> Result<Option<(f64, String)>> {
+    fn reference_json(&self, part_args: &[String]) -> Result<Option<serde_json::Value>> {
         let Some(python) = &self.reference_python else {
             return Ok(None);
         };
@@ -131,6 +134,13 @@ impl BenchArgs {
         let line = String::from_utf8_lossy(&out.stdout);
         let v: serde_json::Value = serde_json::from_str(line.trim())
             .with_context(|| format!("reference printed {line:?}"))?;
+        Ok(Some(v))
+    }
+
+    fn reference(&self, part_args: &[String]) -> Result<Option<(f64, String)>> {
+        let Some(v) = self.reference_json(part_args)? else {
+            return Ok(None);
+        };
         let ms = v["ms_mean"]
             .as_f64()
             .context("reference JSON lacks ms_mean")?;
@@ -208,6 +218,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         Part::TextEncoder(bench) => bench.run(&args)?,
+        Part::Pipeline(bench) => bench.run(&args)?,
         Part::Vae {
             config,
             latent,
@@ -375,6 +386,159 @@ impl TextEncoderBench {
         args.report(&format!("{what}, cold"), cold, reference.clone());
         args.report(&format!("{what}, warm"), warm, reference.clone());
         args.report(&format!("{what}, cached prompt"), cached, reference);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineBench {
+    #[arg(
+        long,
+        default_value = "tests/fixtures/real-configs/transformer/Sana_600M_512px.json"
+    )]
+    transformer_config: PathBuf,
+    #[arg(
+        long,
+        default_value = "tests/fixtures/real-configs/vae/dc-ae-f32c32-sana-1.0.json"
+    )]
+    vae_config: PathBuf,
+    #[arg(
+        long,
+        default_value = "tests/fixtures/real-configs/text_encoder/gemma-2-2b-it.json"
+    )]
+    text_encoder_config: PathBuf,
+    /// A tokenizer folder (the real Gemma one cannot be downloaded here; the fixture's gives
+    /// realistic token counts for English prompts).
+    #[arg(long, default_value = "tests/fixtures/text_encoder/pipeline/tokenizer")]
+    tokenizer: PathBuf,
+    #[arg(
+        long,
+        default_value = "tests/fixtures/scheduler/configs/sana_dpm_shift3.json"
+    )]
+    scheduler_config: PathBuf,
+    /// Image size (square).
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 4.5)]
+    guidance_scale: f32,
+    #[arg(
+        long,
+        default_value = "a cyberpunk cat with a neon sign that says sana on a rainy night street"
+    )]
+    prompt: String,
+}
+
+impl PipelineBench {
+    /// Times ours end to end with its stages, frees it (~14 GB), then the reference.
+    fn run(&self, args: &BenchArgs) -> Result<()> {
+        use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
+        use sana_model::pipeline::{
+            GenerateRequest, LoadOptions, PipelineKind, SanaPipeline, StageTimes,
+        };
+        use sana_model::scheduler::SchedulerConfig;
+        use sana_model::text_encoder::{
+            Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
+        };
+
+        let dev = Device::Cpu;
+        let start = Instant::now();
+        let random = || random_var_builder(0.02, DType::F32, &dev);
+        let tcfg: SanaTransformerConfig = read_config(&self.transformer_config)?;
+        let vcfg: AutoencoderDCConfig = read_config(&self.vae_config)?;
+        let gcfg: Gemma2Config = read_config(&self.text_encoder_config)?;
+        let text = SanaTextEncoder::new(
+            Gemma2Model::new(&gcfg, random())?,
+            GemmaTokenizer::from_file(&self.tokenizer.join("tokenizer.json"))?,
+        );
+        let pipe = SanaPipeline::from_parts(
+            PipelineKind::Sana,
+            text,
+            SanaTransformer2DModel::new(&tcfg, random())?,
+            AutoencoderDC::new(&vcfg, random())?,
+            SchedulerConfig::from_file(&self.scheduler_config)?,
+            &LoadOptions::new(dev.clone()),
+        );
+        println!(
+            "pipeline: built with random f32 weights in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        let mut req = GenerateRequest::new(&self.prompt);
+        req.items[0].guidance_scale = self.guidance_scale;
+        (req.width, req.height, req.steps) = (self.size, self.size, self.steps);
+        let mut times = StageTimes::default();
+        let mut total = 0.0;
+        for _ in 0..args.warmup {
+            pipe.generate(&req, &mut |_| {
+                sana_model::pipeline::sampling::Flow::Continue
+            })?;
+        }
+        for _ in 0..args.repeat.max(1) {
+            let t0 = Instant::now();
+            pipe.generate_timed(
+                &req,
+                &mut |_| sana_model::pipeline::sampling::Flow::Continue,
+                Some(&mut times),
+            )?;
+            total += t0.elapsed().as_secs_f64() * 1e3 / args.repeat.max(1) as f64;
+        }
+        drop(pipe);
+        let reference = args.reference_json(&[
+            "pipeline".into(),
+            "--transformer-config".into(),
+            self.transformer_config.display().to_string(),
+            "--vae-config".into(),
+            self.vae_config.display().to_string(),
+            "--text-encoder-config".into(),
+            self.text_encoder_config.display().to_string(),
+            "--tokenizer".into(),
+            self.tokenizer.display().to_string(),
+            "--scheduler-config".into(),
+            self.scheduler_config.display().to_string(),
+            "--size".into(),
+            self.size.to_string(),
+            "--steps".into(),
+            self.steps.to_string(),
+            "--guidance-scale".into(),
+            self.guidance_scale.to_string(),
+            "--prompt".into(),
+            self.prompt.clone(),
+        ])?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let step_mean =
+            times.steps.iter().map(|d| ms(*d)).sum::<f64>() / times.steps.len().max(1) as f64;
+        let ours = [
+            ("encode (text encoder)", ms(times.encode)),
+            ("one denoising step (mean)", step_mean),
+            ("decode (DC-AE + postprocess)", ms(times.decode)),
+            ("end to end", total),
+        ];
+        let name = self
+            .transformer_config
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        println!(
+            "pipeline {name} {0}x{0}, {1} steps, guidance {2}, f32 cpu (last run's stages):",
+            self.size, self.steps, self.guidance_scale
+        );
+        for (i, (stage, t)) in ours.iter().enumerate() {
+            let key = ["encode_ms", "step_ms_mean", "decode_ms", "ms_mean"][i];
+            match reference.as_ref().and_then(|v| v[key].as_f64()) {
+                Some(r) => println!(
+                    "  {stage:30} ours {t:10.1} ms | diffusers {r:10.1} ms | ratio {:.2}",
+                    t / r
+                ),
+                None => println!("  {stage:30} ours {t:10.1} ms"),
+            }
+        }
+        let steps: Vec<String> = times
+            .steps
+            .iter()
+            .map(|d| format!("{:.0}", ms(*d)))
+            .collect();
+        println!("  each step (ms): {}", steps.join(" "));
         Ok(())
     }
 }

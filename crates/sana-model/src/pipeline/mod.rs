@@ -181,6 +181,17 @@ pub struct GeneratedImage {
     pub seed: u64,
 }
 
+/// Where a generation's time went (see [`SanaPipeline::generate_timed`]).
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// Prompt encoding (Gemma) and the caption context (projection, per-block keys/values).
+    pub encode: std::time::Duration,
+    /// Each denoising step (transformer forward, guidance, sampler update).
+    pub steps: Vec<std::time::Duration>,
+    /// Decoding, resize back to the requested size, RGB8.
+    pub decode: std::time::Duration,
+}
+
 /// What the per-step callback sees.
 pub struct Progress<'a> {
     pub step: usize,
@@ -257,6 +268,32 @@ impl SanaPipeline {
         })
     }
 
+    /// Assembles a pipeline from loaded parts (e.g. random-weight benchmarks of real configs).
+    pub fn from_parts(
+        kind: PipelineKind,
+        text_encoder: SanaTextEncoder,
+        transformer: SanaTransformer2DModel,
+        vae: AutoencoderDC,
+        scheduler: SchedulerConfig,
+        opts: &LoadOptions,
+    ) -> Self {
+        let precision = Precision {
+            transformer: transformer.dtype(),
+            text_encoder: text_encoder.model().dtype(),
+            vae: vae.dtype(),
+        };
+        Self {
+            kind,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler,
+            precision,
+            device: opts.device.clone(),
+            decode_budget_bytes: opts.decode_budget_bytes,
+        }
+    }
+
     pub fn kind(&self) -> PipelineKind {
         self.kind
     }
@@ -327,6 +364,25 @@ impl SanaPipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress) -> Flow,
     ) -> Result<Option<Vec<GeneratedImage>>> {
+        self.generate_timed(req, on_step, None)
+    }
+
+    /// [`Self::generate`], also recording how long each stage took into `times` (the device is
+    /// synchronised at each boundary, so GPU work is counted where it happens).
+    pub fn generate_timed(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(Progress) -> Flow,
+        mut times: Option<&mut StageTimes>,
+    ) -> Result<Option<Vec<GeneratedImage>>> {
+        let clock = |dev: &Device| -> Result<std::time::Instant> {
+            dev.synchronize()?;
+            Ok(std::time::Instant::now())
+        };
+        let mut mark = match times {
+            Some(_) => Some(clock(&self.device)?),
+            None => None,
+        };
         let invalid = |field: &'static str, value: String, reason: String| Error::Unsupported {
             field,
             value,
@@ -408,6 +464,11 @@ impl SanaPipeline {
         let caption = self
             .transformer
             .prepare_caption(&text.embeds, Some(&text.mask))?;
+        if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
+            let now = clock(&self.device)?;
+            t.encode = now - *m;
+            *m = now;
+        }
         // 4. Initial latents: given, or each image's own seeded noise.
         let latents = match &req.latents {
             Some(l) => {
@@ -433,7 +494,14 @@ impl SanaPipeline {
         let device = self.device.clone();
         let mut noise =
             |step: usize| seeded_noise(&seeds, (channels, lh, lw), 1 + step as u64, &device);
+        let mut step_times = Vec::with_capacity(req.steps);
         let mut report = |info: StepInfo| {
+            if let Some(m) = mark.as_mut() {
+                if let Ok(now) = clock(&device) {
+                    step_times.push(now - *m);
+                    *m = now;
+                }
+            }
             on_step(Progress {
                 step: info.step,
                 steps: info.steps,
@@ -468,6 +536,10 @@ impl SanaPipeline {
             decoded = resize_and_crop(&decoded, req.height, req.width)?;
         }
         let pixels = to_rgb8(&decoded)?;
+        if let (Some(t), Some(m)) = (times, mark) {
+            t.steps = step_times;
+            t.decode = clock(&self.device)? - m;
+        }
         Ok(Some(
             pixels
                 .into_iter()
