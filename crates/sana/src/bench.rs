@@ -431,7 +431,7 @@ pub struct PipelineBench {
 }
 
 impl PipelineBench {
-    /// Times ours end to end with its stages, frees it (~14 GB), then the reference.
+    /// Times the reference first (it needs ~14 GB and exits, giving its memory back), then ours.
     fn run(&self, args: &BenchArgs) -> Result<()> {
         use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
         use sana_model::pipeline::{
@@ -441,6 +441,28 @@ impl PipelineBench {
         use sana_model::text_encoder::{
             Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
         };
+
+        let reference = args.reference_json(&[
+            "pipeline".into(),
+            "--transformer-config".into(),
+            self.transformer_config.display().to_string(),
+            "--vae-config".into(),
+            self.vae_config.display().to_string(),
+            "--text-encoder-config".into(),
+            self.text_encoder_config.display().to_string(),
+            "--tokenizer".into(),
+            self.tokenizer.display().to_string(),
+            "--scheduler-config".into(),
+            self.scheduler_config.display().to_string(),
+            "--size".into(),
+            self.size.to_string(),
+            "--steps".into(),
+            self.steps.to_string(),
+            "--guidance-scale".into(),
+            self.guidance_scale.to_string(),
+            "--prompt".into(),
+            self.prompt.clone(),
+        ])?;
 
         let dev = Device::Cpu;
         let start = Instant::now();
@@ -483,28 +505,6 @@ impl PipelineBench {
             )?;
             total += t0.elapsed().as_secs_f64() * 1e3 / args.repeat.max(1) as f64;
         }
-        drop(pipe);
-        let reference = args.reference_json(&[
-            "pipeline".into(),
-            "--transformer-config".into(),
-            self.transformer_config.display().to_string(),
-            "--vae-config".into(),
-            self.vae_config.display().to_string(),
-            "--text-encoder-config".into(),
-            self.text_encoder_config.display().to_string(),
-            "--tokenizer".into(),
-            self.tokenizer.display().to_string(),
-            "--scheduler-config".into(),
-            self.scheduler_config.display().to_string(),
-            "--size".into(),
-            self.size.to_string(),
-            "--steps".into(),
-            self.steps.to_string(),
-            "--guidance-scale".into(),
-            self.guidance_scale.to_string(),
-            "--prompt".into(),
-            self.prompt.clone(),
-        ])?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let step_mean =
             times.steps.iter().map(|d| ms(*d)).sum::<f64>() / times.steps.len().max(1) as f64;
