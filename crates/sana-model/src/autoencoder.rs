@@ -21,6 +21,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use crate::nn::GluConvWeights;
 use crate::ops::{depthwise_conv2d, glu_depthwise_conv2d};
 use crate::weights::{read_config, Checkpoint};
 use crate::{Error, Result};
@@ -1116,31 +1117,14 @@ impl Module for SanaMultiscaleLinearAttention {
 /// 3×3 (bias), GLU gate, 1×1 project (no bias), channel RMSNorm, + input.
 #[derive(Debug, Clone)]
 struct GluMbConv {
-    inverted_w: Tensor, // [2Hf, C]
-    biases: Tensor,     // [2, 2Hf]: conv_inverted bias, conv_depth bias
-    depth_w: Tensor,    // [2Hf, 1, 3, 3]
-    point_w: Tensor,    // [C, Hf]
+    w: GluConvWeights,
     norm: ChannelRmsNorm,
 }
 
 impl GluMbConv {
     fn new(c: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let hidden = 4 * c;
-        let inv = vb.pp("conv_inverted");
-        let depth = vb.pp("conv_depth");
         Ok(Self {
-            inverted_w: inv
-                .get((2 * hidden, c, 1, 1), "weight")?
-                .reshape((2 * hidden, c))?,
-            biases: Tensor::stack(
-                &[inv.get(2 * hidden, "bias")?, depth.get(2 * hidden, "bias")?],
-                0,
-            )?,
-            depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
-            point_w: vb
-                .pp("conv_point")
-                .get((c, hidden, 1, 1), "weight")?
-                .reshape((c, hidden))?,
+            w: GluConvWeights::load(c, 4 * c, vb.clone())?,
             norm: ChannelRmsNorm::new(c, vb.pp("norm"))?,
         })
     }
@@ -1150,21 +1134,21 @@ impl Module for GluMbConv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gated = if x.dtype() == DType::F32 {
             // 1. 1×1 expansion without its bias: [B, 2Hf, H, W].
-            let pre = pointwise(&self.inverted_w, x)?;
+            let pre = pointwise(&self.w.inverted_w, x)?;
             // 2. Bias, SiLU, depthwise 3×3 with bias, GLU gate, one fused pass: [B, Hf, H, W].
-            glu_depthwise_conv2d(&pre, &self.depth_w, &self.biases, 1)?
+            glu_depthwise_conv2d(&pre, &self.w.depth_w, &self.w.biases, 1)?
         } else {
             // Half precision rounds after every op, as the reference does (the fused pass rounds
             // once; more precise, but not the reference's numbers).
-            let (c2, hidden) = (self.biases.dim(1)?, self.biases.dim(1)? / 2);
-            let bias = |i: usize| self.biases.get(i)?.reshape((1, c2, 1, 1));
-            let pre = pointwise_bias(&self.inverted_w, &bias(0)?, x)?.silu()?;
-            let z = depthwise_conv2d(&pre, &self.depth_w, Some(&self.biases.get(1)?), 1)?;
+            let (c2, hidden) = (self.w.biases.dim(1)?, self.w.biases.dim(1)? / 2);
+            let bias = |i: usize| self.w.biases.get(i)?.reshape((1, c2, 1, 1));
+            let pre = pointwise_bias(&self.w.inverted_w, &bias(0)?, x)?.silu()?;
+            let z = depthwise_conv2d(&pre, &self.w.depth_w, Some(&self.w.biases.get(1)?), 1)?;
             // [B, Hf, H, W] value half · SiLU(gate half).
             (z.narrow(1, 0, hidden)? * z.narrow(1, hidden, hidden)?.silu()?)?
         };
         // 3. 1×1 projection, norm, residual.
-        let out = pointwise(&self.point_w, &gated)?;
+        let out = pointwise(&self.w.point_w, &gated)?;
         self.norm.forward_add(&out, Some(x))
     }
 }

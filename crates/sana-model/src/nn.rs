@@ -55,6 +55,42 @@ impl Module for Linear {
     }
 }
 
+/// The weights of a `GLUMBConv` (the DiT's Mix-FFN and the DC-AE's), as the fused ops take them.
+#[derive(Debug, Clone)]
+pub struct GluConvWeights {
+    /// `conv_inverted.weight` as `[2Hf, C]`.
+    pub inverted_w: Tensor,
+    /// `[2, 2Hf]`: `conv_inverted.bias` and `conv_depth.bias` (see `ops::glu_depthwise_conv2d`).
+    pub biases: Tensor,
+    /// `conv_depth.weight`, `[2Hf, 1, 3, 3]`.
+    pub depth_w: Tensor,
+    /// `conv_point.weight` as `[C, Hf]`.
+    pub point_w: Tensor,
+}
+
+impl GluConvWeights {
+    /// Loads `conv_inverted` (C → 2·hidden, bias), `conv_depth` (depthwise 3×3, bias) and
+    /// `conv_point` (hidden → C, no bias).
+    pub fn load(c: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let inv = vb.pp("conv_inverted");
+        let depth = vb.pp("conv_depth");
+        Ok(Self {
+            inverted_w: inv
+                .get((2 * hidden, c, 1, 1), "weight")?
+                .reshape((2 * hidden, c))?,
+            biases: Tensor::stack(
+                &[inv.get(2 * hidden, "bias")?, depth.get(2 * hidden, "bias")?],
+                0,
+            )?,
+            depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
+            point_w: vb
+                .pp("conv_point")
+                .get((c, hidden, 1, 1), "weight")?
+                .reshape((c, hidden))?,
+        })
+    }
+}
+
 /// Loads `weight` `[out, in]` and `bias` `[out]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::nn::{linear, linear_no_bias, Linear};
+use crate::nn::{linear, linear_no_bias, GluConvWeights, Linear};
 use serde::Deserialize;
 
 use crate::ops::{glu_depthwise_conv2d_nhwc, linear_attention};
@@ -587,30 +587,14 @@ impl CrossAttention {
 /// Mix-FFN: 1×1 expand, SiLU, 3×3 depthwise, GLU gate, 1×1 project (`GLUMBConv`, no norm/residual).
 #[derive(Debug, Clone)]
 struct GluMbConv {
-    inverted_w: Tensor, // [2Hf, D]
-    biases: Tensor,     // [2, 2Hf]: conv_inverted bias, conv_depth bias
-    depth_w: Tensor,    // [2Hf, 1, 3, 3]
-    point_w: Tensor,    // [D, Hf]
+    w: GluConvWeights,
     hidden: usize,
 }
 
 impl GluMbConv {
     fn new(d: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let inv = vb.pp("conv_inverted");
-        let depth = vb.pp("conv_depth");
         Ok(Self {
-            inverted_w: inv
-                .get((2 * hidden, d, 1, 1), "weight")?
-                .reshape((2 * hidden, d))?,
-            biases: Tensor::stack(
-                &[inv.get(2 * hidden, "bias")?, depth.get(2 * hidden, "bias")?],
-                0,
-            )?,
-            depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
-            point_w: vb
-                .pp("conv_point")
-                .get((d, hidden, 1, 1), "weight")?
-                .reshape((d, hidden))?,
+            w: GluConvWeights::load(d, hidden, vb)?,
             hidden,
         })
     }
@@ -622,14 +606,14 @@ impl GluMbConv {
         // 1. 1×1 expansion without its bias: [B·N, D] · [D, 2Hf] → [B, h, w, 2Hf].
         let pre = x
             .reshape((b * n, d))?
-            .matmul(&self.inverted_w.t()?)?
+            .matmul(&self.w.inverted_w.t()?)?
             .reshape((b, h, w, 2 * self.hidden))?;
         // 2. Bias, SiLU, depthwise 3×3 with bias, GLU gate — one fused pass → [B, h, w, Hf].
-        let gated = glu_depthwise_conv2d_nhwc(&pre, &self.depth_w, &self.biases, 1)?;
+        let gated = glu_depthwise_conv2d_nhwc(&pre, &self.w.depth_w, &self.w.biases, 1)?;
         // 3. 1×1 projection back to D: [B·N, Hf] · [Hf, D] → [B, N, D].
         gated
             .reshape((b * n, self.hidden))?
-            .matmul(&self.point_w.t()?)?
+            .matmul(&self.w.point_w.t()?)?
             .reshape((b, n, d))
     }
 }
