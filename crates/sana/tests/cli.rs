@@ -276,28 +276,44 @@ fn serve_refuses_without_a_key_and_under_overload() {
         other => panic!("expected 401, got {other:?}"),
     }
     assert_eq!(generate(port, body, Some("s3cret")).unwrap().status(), 200);
-    // One admitted at a time: while a long request runs, another is refused at once with 429.
+    // One admitted at a time: once the long request is admitted (the admission counter in
+    // /metrics reaches 2), another is refused at once with 429 and `Retry-After`.
     let first = std::thread::spawn(move || {
-        let body =
-            serde_json::json!({"prompt": "long", "size": "1024x1024", "num_inference_steps": 50});
+        let body = serde_json::json!({"prompt": "long", "size": "1024x1024", "n": 4, "num_inference_steps": 100});
         generate(port, body, Some("s3cret")).map(|r| r.status())
     });
-    let mut refused = false;
-    while !first.is_finished() {
-        match generate(
-            port,
-            serde_json::json!({"prompt": "y", "size": "64x64"}),
-            Some("s3cret"),
-        ) {
-            Err(ureq::Error::Status(429, r)) => {
-                assert!(r.header("retry-after").is_some(), "429 carries Retry-After");
-                refused = true;
-                break;
-            }
-            Ok(_) => {} // the long one was not admitted yet
-            Err(e) => panic!("unexpected answer {e}"),
-        }
+    let admitted = |port: u16| -> u64 {
+        let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .set("authorization", "Bearer s3cret")
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sana_request_count "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while admitted(port) < 2 {
+        assert!(
+            !first.is_finished(),
+            "the long request ended before admission was seen"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long request was never admitted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(refused, "no 429 while the long request was running");
+    match generate(
+        port,
+        serde_json::json!({"prompt": "y", "size": "64x64"}),
+        Some("s3cret"),
+    ) {
+        Err(ureq::Error::Status(429, r)) => {
+            assert!(r.header("retry-after").is_some(), "429 carries Retry-After");
+        }
+        other => panic!("expected 429 while the long request runs, got {other:?}"),
+    }
     assert_eq!(first.join().unwrap().unwrap(), 200);
 }
