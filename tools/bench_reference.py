@@ -117,6 +117,13 @@ def pipeline_args(parser: argparse.ArgumentParser):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=4.5)
     parser.add_argument("--prompt", default="a cyberpunk cat with a neon sign that says sana on a rainy night street")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
+                        help="the transformer's; Gemma and the DC-AE stay bf16 under f16")
+
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def pipeline_setup(args: argparse.Namespace):
@@ -128,13 +135,66 @@ def pipeline_setup(args: argparse.Namespace):
         with open(path) as f:
             return json.load(f)
 
+    device = "cuda:0" if args.device == "cuda" else args.device
+    dtype = DTYPES[args.dtype]
+    other = torch.bfloat16 if dtype == torch.float16 else dtype
+    # Built directly on the device in its dtype (random init of 2.6B parameters on the CPU is slow).
+    with torch.device(device):
+        text_encoder = Gemma2Model(Gemma2Config(**load(args.text_encoder_config),
+                                                attn_implementation="eager")).to(other).eval()
+        vae = AutoencoderDC.from_config(load(args.vae_config)).to(other).eval()
+        transformer = SanaTransformer2DModel.from_config(load(args.transformer_config)).to(dtype).eval()
     pipe = SanaPipeline(
         tokenizer=AutoTokenizer.from_pretrained(args.tokenizer),
-        text_encoder=Gemma2Model(Gemma2Config(**load(args.text_encoder_config), attn_implementation="eager")).eval(),
-        vae=AutoencoderDC.from_config(load(args.vae_config)).eval(),
-        transformer=SanaTransformer2DModel.from_config(load(args.transformer_config)).eval(),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
         scheduler=DPMSolverMultistepScheduler.from_config(load(args.scheduler_config)),
     )
+    pipe.set_progress_bar_config(disable=True)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    stages = {}
+
+    def synced(name, fn):
+        def wrapper(*a, **k):
+            sync()
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+            return out
+        return wrapper
+
+    pipe.encode_prompt = synced("encode", pipe.encode_prompt)
+    pipe.transformer.forward = synced("step", pipe.transformer.forward)
+    pipe.vae.decode = synced("decode", pipe.vae.decode)
+
+    def run():
+        stages.clear()
+        pipe([args.prompt] * args.batch, height=args.size, width=args.size, num_inference_steps=args.steps,
+             guidance_scale=args.guidance_scale, output_type="pil")
+
+    run.report = lambda: dict(encode_ms=round(sum(stages["encode"]), 3),
+                              step_ms_mean=round(statistics.mean(stages["step"]), 3),
+                              decode_ms=round(sum(stages["decode"]), 3))
+    return run
+
+
+def model_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", required=True, help="a diffusers SanaPipeline folder")
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--guidance-scale", type=float, required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--complex-human-instruction", choices=["true", "false"], default="true")
+
+
+def model_setup(args: argparse.Namespace):
+    """SanaPipeline.from_pretrained on a folder (f32), timed the same way as `pipeline`."""
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     stages = {}
 
@@ -149,11 +209,13 @@ def pipeline_setup(args: argparse.Namespace):
     pipe.encode_prompt = timed("encode", pipe.encode_prompt)
     pipe.transformer.forward = timed("step", pipe.transformer.forward)
     pipe.vae.decode = timed("decode", pipe.vae.decode)
+    extra = {} if args.complex_human_instruction == "true" else {"complex_human_instruction": None}
+    binning = pipe.transformer.config.sample_size in (16, 32, 64, 128)
 
     def run():
         stages.clear()
-        pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
-             guidance_scale=args.guidance_scale, output_type="pil")
+        pipe([args.prompt] * args.batch, height=args.size, width=args.size, num_inference_steps=args.steps,
+             guidance_scale=args.guidance_scale, use_resolution_binning=binning, output_type="pil", **extra)
 
     run.report = lambda: dict(encode_ms=round(sum(stages["encode"]), 3),
                               step_ms_mean=round(statistics.mean(stages["step"]), 3),
@@ -168,6 +230,7 @@ PARTS = {
     "vae": (vae_args, vae_setup, "diffusers"),
     "text-encoder": (text_encoder_args, text_encoder_setup, "diffusers"),
     "pipeline": (pipeline_args, pipeline_setup, "diffusers"),
+    "model": (model_args, model_setup, "diffusers"),
 }
 
 

@@ -29,7 +29,7 @@ impl ValidationError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
-    /// The request is invalid (HTTP 400/422).
+    /// The request is invalid (HTTP 400).
     #[error(transparent)]
     Validation(#[from] ValidationError),
     /// Too many requests in flight; retry later (HTTP 429).

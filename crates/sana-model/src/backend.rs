@@ -38,13 +38,11 @@ impl SanaBackend {
             SchedulerConfig::FlowMatchEulerDiscreteScheduler(_) => Sampler::FlowMatchEuler,
             SchedulerConfig::SCMScheduler(_) => Sampler::Scm,
         };
-        let (samplers, default_steps) = match pipe.kind() {
-            PipelineKind::Sana => (
-                vec![Sampler::DpmSolverMultistep, Sampler::FlowMatchEuler],
-                20,
-            ),
-            PipelineKind::Sprint => (vec![Sampler::Scm], 2),
+        let samplers = match pipe.kind() {
+            PipelineKind::Sana => vec![Sampler::DpmSolverMultistep, Sampler::FlowMatchEuler],
+            PipelineKind::Sprint => vec![Sampler::Scm],
         };
+        let defaults = pipe.defaults();
         let device = match pipe.device().location() {
             candle_core::DeviceLocation::Cpu => "cpu".to_string(),
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
@@ -61,8 +59,8 @@ impl SanaBackend {
             size_multiple: multiple,
             default_width: native,
             default_height: native,
-            default_steps,
-            default_guidance_scale: 4.5,
+            default_steps: defaults.steps as u32,
+            default_guidance_scale: defaults.guidance_scale,
             default_sampler,
             samplers,
             max_batch_images: max_batch_images.max(1),
@@ -187,6 +185,7 @@ impl Backend for SanaBackend {
         req.height = key.height as usize;
         req.steps = key.steps as usize;
         req.scheduler = self.scheduler_for(key.sampler)?;
+        req.complex_human_instruction = self.pipe.defaults().complex_human_instruction;
         let mut failure = None;
         let result = self.pipe.generate(&req, &mut |p| {
             let (step, steps) = (p.step as u32, p.steps as u32);

@@ -48,6 +48,28 @@ pub struct NvlabsConfig {
     pub vae: VaeSection,
     #[serde(default)]
     pub text_encoder: TextEncoderSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+}
+
+/// `scheduler:` of the YAML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SchedulerSection {
+    /// The flow shift of the DPM-Solver sampler (3.0 for 512–2K and SANA-1.5, 6.0 for 4K).
+    #[serde(default = "default_flow_shift")]
+    pub flow_shift: f64,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            flow_shift: default_flow_shift(),
+        }
+    }
+}
+
+fn default_flow_shift() -> f64 {
+    3.0
 }
 
 /// `model:` of the YAML.
@@ -73,6 +95,9 @@ pub struct ModelSection {
     pub cfg_embed_scale: f64,
     #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: f64,
+    /// `fp16` or `bf16`: the precision it was trained in (picks the GPU dtype).
+    #[serde(default)]
+    pub mixed_precision: Option<String>,
     /// Not an NVlabs key: overrides the width of the size table.
     #[serde(default)]
     pub hidden_size: Option<usize>,
@@ -88,6 +113,9 @@ pub struct VaeSection {
     pub vae_latent_dim: usize,
     #[serde(default = "default_32")]
     pub vae_downsample_rate: usize,
+    /// The DC-AE repo, e.g. `mit-han-lab/dc-ae-f32c32-sana-1.0` (its `-diffusers` twin is loaded).
+    #[serde(default)]
+    pub vae_pretrained: Option<String>,
 }
 
 impl Default for VaeSection {
@@ -95,6 +123,7 @@ impl Default for VaeSection {
         Self {
             vae_latent_dim: 32,
             vae_downsample_rate: 32,
+            vae_pretrained: None,
         }
     }
 }
@@ -105,12 +134,16 @@ pub struct TextEncoderSection {
     /// Gemma-2-2B's hidden size unless given.
     #[serde(default = "default_caption_channels")]
     pub caption_channels: usize,
+    /// E.g. `gemma-2-2b-it` (NVlabs loads it from `Efficient-Large-Model/gemma-2-2b-it`).
+    #[serde(default)]
+    pub text_encoder_name: Option<String>,
 }
 
 impl Default for TextEncoderSection {
     fn default() -> Self {
         Self {
             caption_channels: default_caption_channels(),
+            text_encoder_name: None,
         }
     }
 }
@@ -178,6 +211,48 @@ fn parse_model_name(name: &str) -> Result<ModelName> {
 }
 
 impl NvlabsConfig {
+    /// The Hub repo of the text encoder and tokenizer this model was trained with: a bare name
+    /// such as `gemma-2-2b-it` is NVlabs' `Efficient-Large-Model/<name>`; default Gemma-2-2B-IT.
+    pub fn text_encoder_repo(&self) -> String {
+        match self.text_encoder.text_encoder_name.as_deref() {
+            Some(name) if name.contains('/') => name.to_string(),
+            Some(name) => format!("Efficient-Large-Model/{name}"),
+            None => "Efficient-Large-Model/gemma-2-2b-it".to_string(),
+        }
+    }
+
+    /// The diffusers-format DC-AE repo: `vae.vae_pretrained` with `-diffusers` appended where the
+    /// YAML names the original (default: `mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers`).
+    pub fn vae_repo(&self) -> String {
+        let name = self
+            .vae
+            .vae_pretrained
+            .as_deref()
+            .unwrap_or("mit-han-lab/dc-ae-f32c32-sana-1.0");
+        if name.ends_with("-diffusers") {
+            name.to_string()
+        } else {
+            format!("{name}-diffusers")
+        }
+    }
+
+    /// The sampler the NVlabs code uses for this model: SCM for Sprint (`cfg_embed`), else the
+    /// flow DPM-Solver++ with the YAML's shift.
+    pub fn scheduler_config(&self) -> Result<crate::scheduler::SchedulerConfig> {
+        let json = if self.model.cfg_embed {
+            r#"{"_class_name": "SCMScheduler", "sigma_data": 0.5, "prediction_type": "trigflow"}"#
+                .to_string()
+        } else {
+            format!(
+                r#"{{"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "flow_prediction",
+                   "use_flow_sigmas": true, "flow_shift": {}, "algorithm_type": "dpmsolver++",
+                   "solver_order": 2, "final_sigmas_type": "zero", "lower_order_final": true}}"#,
+                self.scheduler.flow_shift
+            )
+        };
+        Ok(crate::scheduler::SchedulerConfig::from_json(&json)?)
+    }
+
     /// Parses the YAML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         serde_norway::from_str(text).map_err(|e| Error::Config {

@@ -150,6 +150,16 @@ pub fn resolve(source: &ModelSource, opts: &HubOptions) -> Result<PathBuf> {
 /// `snapshots/<hash>` of a cached repo, when `refs/<revision>` (or the revision as a commit hash)
 /// names a snapshot that holds `model_index.json`.
 pub fn cached_snapshot(cache_dir: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+    cached_snapshot_with(cache_dir, repo, revision, "model_index.json")
+}
+
+/// `snapshots/<hash>` of a cached repo whose revision resolves to a snapshot holding `marker`.
+fn cached_snapshot_with(
+    cache_dir: &Path,
+    repo: &str,
+    revision: &str,
+    marker: &str,
+) -> Option<PathBuf> {
     let repo_dir = cache_dir.join(format!("models--{}", repo.replace('/', "--")));
     let hash = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
@@ -160,7 +170,64 @@ pub fn cached_snapshot(cache_dir: &Path, repo: &str, revision: &str) -> Option<P
             .to_string()
     };
     let dir = repo_dir.join("snapshots").join(hash);
-    dir.join("model_index.json").is_file().then_some(dir)
+    dir.join(marker).is_file().then_some(dir)
+}
+
+/// The local folder of a single-model repo (a `transformers` or `diffusers` model with
+/// `config.json` and its weights at the top level, plus a tokenizer where it has one: e.g.
+/// `Efficient-Large-Model/gemma-2-2b-it`, `mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers`),
+/// downloading what is missing. The parts of an NVlabs `.pth` pipeline come from such repos.
+pub fn resolve_component(source: &ModelSource, opts: &HubOptions) -> Result<PathBuf> {
+    match source {
+        ModelSource::Dir(dir) => Ok(dir.clone()),
+        ModelSource::Hub { repo, revision } => {
+            if let Some(dir) = cached_snapshot_with(&opts.cache_dir, repo, revision, "config.json")
+            {
+                let complete = ["model", "diffusion_pytorch_model"].iter().any(|stem| {
+                    crate::weights::find_weight_files(&dir, stem, opts.variant.as_deref()).is_ok()
+                });
+                if opts.offline || complete {
+                    return Ok(dir);
+                }
+            }
+            if opts.offline {
+                return Err(Error::Weights(format!(
+                    "{repo}@{revision} is not in the Hugging Face cache {} and HF_HUB_OFFLINE is set",
+                    opts.cache_dir.display()
+                )));
+            }
+            download_with(repo, revision, opts, needed_component_files, "config.json")
+        }
+    }
+}
+
+/// The files of a single-model repo that loading it needs: `config.json`, the tokenizer files
+/// present, and the safetensors weights of `variant` (else the default ones).
+pub fn needed_component_files(listing: &[String], variant: Option<&str>) -> Vec<String> {
+    let top: Vec<&str> = listing
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !f.contains('/'))
+        .collect();
+    let mut out: Vec<String> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .filter(|f| top.contains(f))
+    .map(|f| f.to_string())
+    .collect();
+    let weights = ["diffusion_pytorch_model", "model"]
+        .iter()
+        .find_map(|stem| {
+            variant
+                .and_then(|v| weight_set(&top, stem, Some(v)))
+                .or_else(|| weight_set(&top, stem, None))
+        });
+    out.extend(weights.unwrap_or_default());
+    out
 }
 
 /// Whether a snapshot folder already holds every file [`needed_files`] would pick from it.
@@ -282,8 +349,20 @@ fn weight_set(files: &[&str], stem: &str, variant: Option<&str>) -> Option<Vec<S
     Some(set)
 }
 
-#[cfg(feature = "hub")]
 fn download(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
+    download_with(repo, revision, opts, needed_files, "model_index.json")
+}
+
+/// Downloads the files `pick` chooses from the repo's listing; `marker` must be among them (the
+/// folder holding it is the result).
+#[cfg(feature = "hub")]
+fn download_with(
+    repo: &str,
+    revision: &str,
+    opts: &HubOptions,
+    pick: fn(&[String], Option<&str>) -> Vec<String>,
+    marker: &str,
+) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
 
@@ -303,10 +382,20 @@ fn download(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
     ));
     let info = api_repo.info().map_err(|e| hub_err("cannot list", e))?;
     let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let files = needed_files(&listing, opts.variant.as_deref());
-    if !files.iter().any(|f| f == "model_index.json") {
+    let files = pick(&listing, opts.variant.as_deref());
+    if !files.iter().any(|f| f == marker) {
         return Err(Error::Weights(format!(
-            "{repo}@{revision} has no model_index.json: not a diffusers pipeline repo"
+            "{repo}@{revision} has no {marker}: not a {} repo",
+            if marker == "model_index.json" {
+                "diffusers pipeline"
+            } else {
+                "model"
+            }
+        )));
+    }
+    if !files.iter().any(|f| f.ends_with(".safetensors")) {
+        return Err(Error::Weights(format!(
+            "{repo}@{revision} has no safetensors weights (other formats are not read)"
         )));
     }
     let mut root = None;
@@ -315,15 +404,21 @@ fn download(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
         let path = api_repo
             .get(f)
             .map_err(|e| hub_err(&format!("cannot fetch {f} of"), e))?;
-        if f == "model_index.json" {
+        if f == marker {
             root = path.parent().map(Path::to_path_buf);
         }
     }
-    root.ok_or_else(|| Error::Weights(format!("{repo}@{revision}: model_index.json not fetched")))
+    root.ok_or_else(|| Error::Weights(format!("{repo}@{revision}: {marker} not fetched")))
 }
 
 #[cfg(not(feature = "hub"))]
-fn download(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
+fn download_with(
+    repo: &str,
+    revision: &str,
+    opts: &HubOptions,
+    _pick: fn(&[String], Option<&str>) -> Vec<String>,
+    _marker: &str,
+) -> Result<PathBuf> {
     Err(Error::Weights(format!(
         "{repo}@{revision} is not in the Hugging Face cache {} and this build has no Hub client \
          (cargo feature `hub`): download it with another tool or point --model at a local folder",
@@ -367,6 +462,54 @@ mod tests {
             let err = ModelSource::parse(bad).unwrap_err().to_string();
             assert!(err.contains("model") && err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn component_files_of_a_gemma_and_a_dc_ae_repo() {
+        let gemma: Vec<String> = [
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "sub/config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            needed_component_files(&gemma, None),
+            [
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "model.safetensors.index.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let dcae: Vec<String> = [
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bf16.safetensors",
+            "model.pth",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            needed_component_files(&dcae, Some("bf16")),
+            ["config.json", "diffusion_pytorch_model.bf16.safetensors"]
+        );
+        assert_eq!(
+            needed_component_files(&dcae, Some("fp16")),
+            ["config.json", "diffusion_pytorch_model.safetensors"]
+        );
     }
 
     fn sana_listing() -> Vec<String> {

@@ -239,9 +239,9 @@ fn yaml_that_disagrees_with_the_checkpoint_is_refused() {
     assert_mentions(&err, &["model.model (width)", "64", "has 32"]);
     let err = load_error(
         "ms",
-        &edited_yaml("ms", "caption_channels: 24", "caption_channels: 2304"),
+        &edited_yaml("ms", "caption_channels: 32", "caption_channels: 2304"),
     );
-    assert_mentions(&err, &["text_encoder.caption_channels", "2304", "has 24"]);
+    assert_mentions(&err, &["text_encoder.caption_channels", "2304", "has 32"]);
     let err = load_error(
         "ms",
         &edited_yaml("ms", "SanaMS_600M_P1_D2", "SanaXL_600M_P1_D2"),

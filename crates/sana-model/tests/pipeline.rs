@@ -52,7 +52,7 @@ fn assemble(name: &str) -> PathBuf {
 }
 
 fn pipeline(name: &str) -> SanaPipeline {
-    SanaPipeline::load(&assemble(name), &LoadOptions::new(Device::Cpu)).unwrap()
+    SanaPipeline::load(&assemble(name), &LoadOptions::new(common::device())).unwrap()
 }
 
 /// The request diffusers was called with for `case` of pipeline `name`, and the reference images.

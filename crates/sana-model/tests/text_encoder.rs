@@ -29,7 +29,7 @@ fn dir(name: &str) -> PathBuf {
 fn gemma_case(case: &str, dtype: DType, rel: f32, what: &str) {
     let d = dir(case);
     let io = load(&d.join("io.safetensors"));
-    let model = Gemma2Model::load(&d, None, dtype, &Device::Cpu)
+    let model = Gemma2Model::load(&d, None, dtype, &common::device())
         .unwrap_or_else(|e| panic!("{case}: load failed: {e}"));
     let out = model
         .forward(&io["input_ids"], Some(&io["attention_mask"]))

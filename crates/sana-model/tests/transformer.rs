@@ -39,7 +39,7 @@ fn run(model: &SanaTransformer2DModel, io: &HashMap<String, Tensor>) -> Tensor {
 fn check_case(case: &str, variant: Option<&str>, dtype: DType, rel: f32, what: &str) {
     let dir = case_dir(case);
     let io = load(&dir.join("io.safetensors"));
-    let model = SanaTransformer2DModel::load(&dir, variant, dtype, &Device::Cpu)
+    let model = SanaTransformer2DModel::load(&dir, variant, dtype, &common::device())
         .unwrap_or_else(|e| panic!("{case}: load failed: {e}"));
     let out = run(&model, &io);
     assert_eq!(out.dtype(), dtype);

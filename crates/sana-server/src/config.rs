@@ -28,22 +28,64 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// The model to load: a diffusers-format checkpoint directory or Hugging Face model id. Read by
-    /// the binary that builds the backend; the server reports the backend's own model id.
-    #[arg(long, env = "SANA_MODEL")]
+    /// The model to load: a diffusers-format checkpoint directory, a Hugging Face model id, an
+    /// NVlabs `.pth` checkpoint (with `--model-config`), or
+    /// `sana-tiny-scenes`, the small demo model built into the binary (the default). Read by the
+    /// binary that builds the backend; the server reports the backend's own model id.
+    #[arg(long, env = "SANA_MODEL", default_value = "sana-tiny-scenes")]
     pub model: String,
+
+    /// The training YAML of an NVlabs `.pth` `--model`.
+    #[arg(long, env = "SANA_MODEL_CONFIG")]
+    pub model_config: Option<PathBuf>,
+
+    /// With a `.pth` `--model`: the Gemma folder or repo id (default: the YAML's text encoder,
+    /// `Efficient-Large-Model/gemma-2-2b-it`).
+    #[arg(long, env = "SANA_TEXT_ENCODER")]
+    pub text_encoder: Option<String>,
+
+    /// With a `.pth` `--model`: the DC-AE folder or repo id (default: the YAML's
+    /// `vae_pretrained`, diffusers format).
+    #[arg(long, env = "SANA_VAE")]
+    pub vae: Option<String>,
+
+    /// Weights dtype: `auto` (f32 on CPU; on CUDA bf16, or f16 for fp16-trained checkpoints),
+    /// `f32`, `bf16` or `f16`. Read by the binary that builds the backend.
+    #[arg(long, env = "SANA_DTYPE", default_value = "auto",
+          value_parser = ["auto", "f32", "bf16", "f16"])]
+    pub dtype: String,
+
+    /// Weight-file variant to load where a folder has one (`fp16`, `bf16`: `*.fp16.safetensors`),
+    /// e.g. to download half the bytes of an fp16-trained checkpoint.
+    #[arg(long, env = "SANA_VARIANT")]
+    pub variant: Option<String>,
+
+    /// Steps of requests that leave `num_inference_steps` out. Unset: the model's (20; 2 for
+    /// SANA-Sprint).
+    #[arg(long, env = "SANA_DEFAULT_STEPS")]
+    pub default_steps: Option<u32>,
+
+    /// Guidance of requests that leave `guidance_scale` out. Unset: the model's (4.5).
+    #[arg(long, env = "SANA_DEFAULT_GUIDANCE_SCALE")]
+    pub default_guidance_scale: Option<f32>,
+
+    /// An env file of these settings (`SANA_MODEL=...`, one per line, `#` comments; see
+    /// `configs/`). Flags and environment variables win over it.
+    #[arg(long, env = "SANA_CONFIG")]
+    pub config: Option<PathBuf>,
 
     /// The name clients use in `model` and see in `/v1/models`; the loaded model's id when unset.
     /// Requests may name either.
     #[arg(long, env = "SANA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
-    /// Devices to run on, one worker each (comma-separated: `cuda:0,cuda:1`, or `cpu`).
+    /// Devices to run on, one worker each (comma-separated: `cuda:0,cuda:1`, or `cpu`). `auto`:
+    /// the first GPU when the binary has CUDA and one is present, else the CPU.
     #[arg(
         long,
         env = "SANA_DEVICES",
         value_delimiter = ',',
-        default_value = "cuda:0"
+        default_value = "auto"
     )]
     pub devices: Vec<String>,
 
@@ -129,6 +171,73 @@ pub struct ServeArgs {
     /// no CORS headers, so browsers refuse cross-origin calls.
     #[arg(long = "cors-origin", env = "SANA_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+}
+
+/// Reads an env file of `sana serve` settings: `KEY=VALUE` lines (optionally `export KEY=VALUE`,
+/// values optionally in single or double quotes), blank lines and `#` comments skipped. Every key
+/// must be one of the server's environment variables; an unknown one is refused by name (a typo
+/// would otherwise be silently ignored).
+pub fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    use clap::CommandFactory;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let known: Vec<String> = ServeArgs::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let (key, value) = line.split_once('=').ok_or_else(|| {
+            format!(
+                "{}:{}: expected KEY=VALUE, got {line:?}",
+                path.display(),
+                n + 1
+            )
+        })?;
+        let key = key.trim();
+        if key == "SANA_CONFIG" || !known.iter().any(|k| k == key) {
+            return Err(format!(
+                "{}:{}: unknown setting {key}; known: {}",
+                path.display(),
+                n + 1,
+                known
+                    .iter()
+                    .filter(|k| *k != "SANA_CONFIG")
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let value = value.trim();
+        let value = ["\"", "'"]
+            .iter()
+            .find_map(|q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+            .unwrap_or(value);
+        out.push((key.to_string(), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// [`ServeArgs`] from an env file alone (what a preset in `configs/` means without other flags or
+/// environment), for checking presets.
+pub fn args_from_env_file(path: &std::path::Path) -> Result<ServeArgs, String> {
+    use clap::CommandFactory;
+    let pairs = read_env_file(path)?;
+    let cmd = ServeArgs::command();
+    let mut argv = vec!["sana serve".to_string()];
+    for (key, value) in pairs {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == key.as_str()))
+            .expect("read_env_file checked the key");
+        let long = arg.get_long().expect("every setting has a long flag");
+        argv.push(format!("--{long}={value}"));
+    }
+    ServeArgs::try_parse_from(argv).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An API key as given on the command line or in the key file. Its `Debug` never shows it.
@@ -352,6 +461,21 @@ impl TryFrom<ServeArgs> for ServerConfig {
             .is_some_and(|name| name.trim().is_empty())
         {
             return invalid("--served-model-name is empty; give a name or leave it unset".into());
+        }
+        if let Some(steps) = args.default_steps {
+            if steps == 0 || steps > args.max_steps {
+                return invalid(format!(
+                    "--default-steps {steps} must be between 1 and --max-steps ({})",
+                    args.max_steps
+                ));
+            }
+        }
+        if let Some(g) = args.default_guidance_scale {
+            if !g.is_finite() || g < 0.0 {
+                return invalid(format!(
+                    "--default-guidance-scale {g} must be a finite number ≥ 0"
+                ));
+            }
         }
         Ok(Self {
             addr: SocketAddr::new(args.host, args.port),

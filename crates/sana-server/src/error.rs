@@ -6,8 +6,10 @@
 //! - **400** `invalid_request`: the body is not a request of this API: malformed JSON, a wrong type,
 //!   an unknown field, a value outside a field's enumeration or format, a combination the API never
 //!   accepts (`background: "transparent"`, `stream` with `url`);
-//! - **422** `validation`: a well-formed request beyond this model's or server's limits (size, `n`,
-//!   steps, prompt length), from the engine's validation;
+//! - **400** `validation`: a well-formed request beyond this model's or server's limits (size, `n`,
+//!   steps, prompt length), from the engine's validation. OpenAI answers every invalid parameter
+//!   with 400, and its SDKs raise `BadRequestError` for it, so both kinds share the status and
+//!   differ in `type`;
 //! - 401 `authentication`, 404 `not_found`, 405 `method_not_allowed`, 413 `payload_too_large`,
 //!   415 `unsupported_media_type`, 429 `rate_limited` (per-key limit) or `overloaded` (admission),
 //!   both with `Retry-After`;
@@ -227,7 +229,7 @@ impl ApiError {
         match err {
             EngineError::Validation(validation) => {
                 let mut api = Self::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
+                    StatusCode::BAD_REQUEST,
                     "validation",
                     validation.message.clone(),
                 )
@@ -503,7 +505,7 @@ mod tests {
             message: "`width` must be a multiple of 32 between 32 and 2048, got 500".into(),
         });
         let err = ApiError::from_engine(width, Some("500x512"));
-        assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
         let body = err.body().error;
         assert_eq!(body.param.as_deref(), Some("size"));
         assert!(

@@ -81,6 +81,12 @@ enum Part {
     /// The whole SanaPipeline (prompt → image) of real configs (random weights), f32 on CPU, with
     /// the time of each stage.
     Pipeline(PipelineBench),
+    /// A load test of a running `sana serve`: many clients posting generations at once; checks
+    /// every answer and reports images/s and latency percentiles.
+    Http(HttpBench),
+    /// A model folder end to end (default: the embedded sana-tiny-scenes) at its default steps,
+    /// guidance and size, beside diffusers' `SanaPipeline.from_pretrained` on the same folder.
+    Model(ModelBench),
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize)> {
@@ -219,6 +225,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Part::TextEncoder(bench) => bench.run(&args)?,
         Part::Pipeline(bench) => bench.run(&args)?,
+        Part::Model(bench) => bench.run(&args)?,
+        Part::Http(bench) => bench.run()?,
         Part::Vae {
             config,
             latent,
@@ -421,6 +429,15 @@ pub struct PipelineBench {
     size: usize,
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Images per run (the same prompt, one batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// cpu or cuda[:N] (the reference runs on the same device).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16 (the transformer; Gemma and the DC-AE stay bf16 under f16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[arg(long, default_value_t = 4.5)]
     guidance_scale: f32,
     #[arg(
@@ -462,32 +479,43 @@ impl PipelineBench {
             self.guidance_scale.to_string(),
             "--prompt".into(),
             self.prompt.clone(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--device".into(),
+            self.device.clone(),
+            "--dtype".into(),
+            self.dtype.clone(),
         ])?;
 
-        let dev = Device::Cpu;
+        let dev = crate::generate::parse_device(&self.device)?;
+        let precision = crate::model::parse_precision(&self.dtype)?
+            .context("--dtype: give f32, bf16 or f16")?;
         let start = Instant::now();
-        let random = || random_var_builder(0.02, DType::F32, &dev);
+        let random = |dtype: DType| random_var_builder(0.02, dtype, &dev);
         let tcfg: SanaTransformerConfig = read_config(&self.transformer_config)?;
         let vcfg: AutoencoderDCConfig = read_config(&self.vae_config)?;
         let gcfg: Gemma2Config = read_config(&self.text_encoder_config)?;
         let text = SanaTextEncoder::new(
-            Gemma2Model::new(&gcfg, random())?,
+            Gemma2Model::new(&gcfg, random(precision.text_encoder))?,
             GemmaTokenizer::from_file(&self.tokenizer.join("tokenizer.json"))?,
         );
         let pipe = SanaPipeline::from_parts(
             PipelineKind::Sana,
             text,
-            SanaTransformer2DModel::new(&tcfg, random())?,
-            AutoencoderDC::new(&vcfg, random())?,
+            SanaTransformer2DModel::new(&tcfg, random(precision.transformer))?,
+            AutoencoderDC::new(&vcfg, random(precision.vae))?,
             SchedulerConfig::from_file(&self.scheduler_config)?,
             &LoadOptions::new(dev.clone()),
         );
         println!(
-            "pipeline: built with random f32 weights in {:.1} s",
+            "pipeline: built with random {} weights on {} in {:.1} s",
+            self.dtype,
+            self.device,
             start.elapsed().as_secs_f64()
         );
         let mut req = GenerateRequest::new(&self.prompt);
         req.items[0].guidance_scale = self.guidance_scale;
+        req.items = vec![req.items[0].clone(); self.batch.max(1)];
         (req.width, req.height, req.steps) = (self.size, self.size, self.steps);
         let mut times = StageTimes::default();
         let mut total = 0.0;
@@ -505,40 +533,324 @@ impl PipelineBench {
             )?;
             total += t0.elapsed().as_secs_f64() * 1e3 / args.repeat.max(1) as f64;
         }
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        let step_mean =
-            times.steps.iter().map(|d| ms(*d)).sum::<f64>() / times.steps.len().max(1) as f64;
-        let ours = [
-            ("encode (text encoder)", ms(times.encode)),
-            ("one denoising step (mean)", step_mean),
-            ("decode (DC-AE + postprocess)", ms(times.decode)),
-            ("end to end", total),
-        ];
         let name = self
             .transformer_config
             .file_stem()
             .unwrap_or_default()
             .to_string_lossy();
         println!(
-            "pipeline {name} {0}x{0}, {1} steps, guidance {2}, f32 cpu (last run's stages):",
-            self.size, self.steps, self.guidance_scale
+            "pipeline {name} {0}x{0}, {1} steps, guidance {2}, batch {3}, {4} {5}: {6:.2} images/s \
+             (last run's stages):",
+            self.size,
+            self.steps,
+            self.guidance_scale,
+            self.batch,
+            self.dtype,
+            self.device,
+            self.batch.max(1) as f64 * 1e3 / total
         );
-        for (i, (stage, t)) in ours.iter().enumerate() {
-            let key = ["encode_ms", "step_ms_mean", "decode_ms", "ms_mean"][i];
-            match reference.as_ref().and_then(|v| v[key].as_f64()) {
-                Some(r) => println!(
-                    "  {stage:30} ours {t:10.1} ms | diffusers {r:10.1} ms | ratio {:.2}",
-                    t / r
-                ),
-                None => println!("  {stage:30} ours {t:10.1} ms"),
+        if let Some(r) = reference.as_ref().and_then(|v| v["ms_mean"].as_f64()) {
+            println!(
+                "  diffusers: {:.2} images/s",
+                self.batch.max(1) as f64 * 1e3 / r
+            );
+        }
+        print_stages(&times, total, reference.as_ref());
+        Ok(())
+    }
+}
+
+/// Ours beside the reference's stage times (keys of `tools/bench_reference.py`'s JSON).
+fn print_stages(
+    times: &sana_model::pipeline::StageTimes,
+    total_ms: f64,
+    reference: Option<&serde_json::Value>,
+) {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let step_mean =
+        times.steps.iter().map(|d| ms(*d)).sum::<f64>() / times.steps.len().max(1) as f64;
+    let ours = [
+        ("encode (text encoder)", "encode_ms", ms(times.encode)),
+        ("one denoising step (mean)", "step_ms_mean", step_mean),
+        (
+            "decode (DC-AE + postprocess)",
+            "decode_ms",
+            ms(times.decode),
+        ),
+        ("end to end", "ms_mean", total_ms),
+    ];
+    for (stage, key, t) in ours {
+        match reference.and_then(|v| v[key].as_f64()) {
+            Some(r) => println!(
+                "  {stage:30} ours {t:10.1} ms | diffusers {r:10.1} ms | ratio {:.2}",
+                t / r
+            ),
+            None => println!("  {stage:30} ours {t:10.1} ms"),
+        }
+    }
+    let steps: Vec<String> = times
+        .steps
+        .iter()
+        .map(|d| format!("{:.1}", ms(*d)))
+        .collect();
+    println!("  each step (ms): {}", steps.join(" "));
+}
+
+#[derive(Debug, Args)]
+pub struct ModelBench {
+    /// A diffusers folder, a Hub repo id, or sana-tiny-scenes (built in).
+    #[arg(long, default_value = sana_scenes::MODEL_ID)]
+    model: String,
+    /// Image size (square); default: the model's native size.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Default: the model's.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per run (one prompt each, one batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(
+        long,
+        default_value = "a large red circle on the left on a blue background"
+    )]
+    prompt: String,
+}
+
+impl ModelBench {
+    fn run(&self, args: &BenchArgs) -> Result<()> {
+        use sana_model::pipeline::{GenerateRequest, StageTimes};
+
+        let (resolved, id) = crate::model::ModelSpec::new(&self.model).resolve()?;
+        let crate::model::Resolved::Folder(root) = &resolved else {
+            bail!("bench model times diffusers folders");
+        };
+        let pipe = resolved.load(&Device::Cpu, "f32", None)?;
+        let d = pipe.defaults();
+        let native = pipe.transformer().config().sample_size * pipe.vae_scale_factor();
+        let size = self.size.unwrap_or(native);
+        let steps = self.steps.unwrap_or(d.steps);
+        let reference = args.reference_json(&[
+            "model".into(),
+            "--model".into(),
+            root.display().to_string(),
+            "--size".into(),
+            size.to_string(),
+            "--steps".into(),
+            steps.to_string(),
+            "--guidance-scale".into(),
+            d.guidance_scale.to_string(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--prompt".into(),
+            self.prompt.clone(),
+            "--complex-human-instruction".into(),
+            d.complex_human_instruction.to_string(),
+        ])?;
+        let mut req = GenerateRequest::new(&self.prompt);
+        req.items[0].guidance_scale = d.guidance_scale;
+        req.items = vec![req.items[0].clone(); self.batch.max(1)];
+        (req.width, req.height, req.steps) = (size, size, steps);
+        req.complex_human_instruction = d.complex_human_instruction;
+        let mut times = StageTimes::default();
+        let flow = &mut |_: sana_model::pipeline::Progress<'_>| {
+            sana_model::pipeline::sampling::Flow::Continue
+        };
+        for _ in 0..args.warmup {
+            pipe.generate(&req, flow)?;
+        }
+        let mut all = Vec::new();
+        for _ in 0..args.repeat.max(1) {
+            let t0 = Instant::now();
+            pipe.generate_timed(&req, flow, Some(&mut times))?;
+            all.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let total = all.iter().sum::<f64>() / all.len() as f64;
+        println!(
+            "model {id} {size}x{size}, {steps} steps, guidance {}, batch {}, f32 cpu; {} runs, \
+             fastest {:.1} ms, {:.1} ms/image (last run's stages):",
+            d.guidance_scale,
+            self.batch,
+            all.len(),
+            all.iter().cloned().fold(f64::INFINITY, f64::min),
+            total / self.batch.max(1) as f64
+        );
+        print_stages(&times, total, reference.as_ref());
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct HttpBench {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Requests in all.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Clients sending at once (each waits for its answer before the next request).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// `size` of each request.
+    #[arg(long, default_value = "64x64")]
+    size: String,
+    /// Images per request (`n`).
+    #[arg(long, default_value_t = 1)]
+    n: u32,
+    #[arg(
+        long,
+        default_value = "a small red square at the top on a white background"
+    )]
+    prompt: String,
+    #[arg(long, env = "SANA_API_KEY")]
+    api_key: Option<String>,
+}
+
+/// How one request ended.
+enum Answer {
+    /// 200 with `n` decodable images of the requested size.
+    Images,
+    /// Another status with a well-formed OpenAI error envelope.
+    Refused(u16),
+    /// Anything else: transport error, bad JSON, missing or undecodable images.
+    Malformed(String),
+}
+
+impl HttpBench {
+    fn one(&self, agent: &ureq::Agent, k: usize, (w, h): (u32, u32)) -> Answer {
+        use base64::Engine as _;
+        let body = serde_json::json!({
+            "prompt": self.prompt, "size": self.size, "n": self.n,
+            "response_format": "b64_json", "seed": k,
+        });
+        let mut req = agent.post(&format!("{}/v1/images/generations", self.url));
+        if let Some(key) = &self.api_key {
+            req = req.set("authorization", &format!("Bearer {key}"));
+        }
+        let (status, text) = match req.send_json(body) {
+            Ok(r) => (r.status(), r.into_string()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string()),
+            Err(e) => return Answer::Malformed(format!("transport: {e}")),
+        };
+        let v: serde_json::Value = match text.map(|t| serde_json::from_str(&t)) {
+            Ok(Ok(v)) => v,
+            _ => return Answer::Malformed(format!("status {status}: body is not JSON")),
+        };
+        if status != 200 {
+            return if v["error"]["message"].is_string() && v["error"]["type"].is_string() {
+                Answer::Refused(status)
+            } else {
+                Answer::Malformed(format!("status {status} without an error envelope: {v}"))
+            };
+        }
+        let Some(data) = v["data"].as_array() else {
+            return Answer::Malformed(format!("200 without `data`: {v}"));
+        };
+        if data.len() != self.n as usize {
+            return Answer::Malformed(format!("{} images for n = {}", data.len(), self.n));
+        }
+        for d in data {
+            let decoded = d["b64_json"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|bytes| image::load_from_memory(&bytes).ok());
+            match decoded {
+                Some(img) if (img.width(), img.height()) == (w, h) => {}
+                Some(img) => {
+                    return Answer::Malformed(format!(
+                        "image is {}x{}, asked {w}x{h}",
+                        img.width(),
+                        img.height()
+                    ))
+                }
+                None => return Answer::Malformed("undecodable image".into()),
             }
         }
-        let steps: Vec<String> = times
-            .steps
-            .iter()
-            .map(|d| format!("{:.0}", ms(*d)))
-            .collect();
-        println!("  each step (ms): {}", steps.join(" "));
+        Answer::Images
+    }
+
+    fn run(&self) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Mutex;
+
+        let (w, h) = self
+            .size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+            .with_context(|| format!("--size {:?}: expected WxH", self.size))?;
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(Vec::with_capacity(self.requests));
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..self.concurrency.max(1) {
+                scope.spawn(|| {
+                    let agent = ureq::AgentBuilder::new()
+                        .timeout(std::time::Duration::from_secs(600))
+                        .build();
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= self.requests {
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let answer = self.one(&agent, k, (w, h));
+                        let ms = t0.elapsed().as_secs_f64() * 1e3;
+                        results
+                            .lock()
+                            .expect("no panics while held")
+                            .push((ms, answer));
+                    }
+                });
+            }
+        });
+        let wall = start.elapsed().as_secs_f64();
+        let results = results.into_inner().expect("no panics while held");
+        let mut ok: Vec<f64> = Vec::new();
+        let mut refused = std::collections::BTreeMap::<u16, usize>::new();
+        let mut malformed = Vec::new();
+        for (ms, answer) in &results {
+            match answer {
+                Answer::Images => ok.push(*ms),
+                Answer::Refused(code) => *refused.entry(*code).or_default() += 1,
+                Answer::Malformed(why) => malformed.push(why.clone()),
+            }
+        }
+        ok.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            ok.get(((ok.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .copied()
+        };
+        println!(
+            "{} requests ({} images each, {}) from {} clients in {wall:.1} s against {}",
+            results.len(),
+            self.n,
+            self.size,
+            self.concurrency,
+            self.url
+        );
+        println!(
+            "  answered with images: {} ({:.1} images/s, {:.1} requests/s)",
+            ok.len(),
+            (ok.len() * self.n as usize) as f64 / wall,
+            ok.len() as f64 / wall
+        );
+        if let (Some(p50), Some(p90), Some(p99), Some(max)) =
+            (pct(0.5), pct(0.9), pct(0.99), ok.last())
+        {
+            println!("  latency ms: p50 {p50:.0}, p90 {p90:.0}, p99 {p99:.0}, max {max:.0}");
+        }
+        println!("  refused with an error envelope: {refused:?}");
+        println!("  malformed or lost: {}", malformed.len());
+        for why in malformed.iter().take(5) {
+            println!("    {why}");
+        }
+        if results.len() != self.requests || !malformed.is_empty() {
+            bail!(
+                "{} of {} requests did not get exactly one well-formed answer",
+                self.requests - results.len() + malformed.len(),
+                self.requests
+            );
+        }
         Ok(())
     }
 }

@@ -5,18 +5,30 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sana_model::pipeline::sampling::Flow;
-use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, Precision, SanaPipeline};
-use sana_model::source::{resolve, HubOptions, ModelSource};
+use sana_model::pipeline::{GenerateRequest, ItemRequest};
+
+use crate::model::ModelSpec;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A diffusers folder or a Hub repo id (org/name[@revision]).
-    #[arg(long, env = "SANA_MODEL")]
+    /// A diffusers folder, a Hub repo id (org/name[@revision]), an NVlabs `.pth` checkpoint (with
+    /// --model-config), or `sana-tiny-scenes`: the small demo model built into the binary (64×64
+    /// scenes of coloured shapes), the default.
+    #[arg(long, env = "SANA_MODEL", default_value = sana_scenes::MODEL_ID)]
     model: String,
+    /// The training YAML of an NVlabs `.pth` --model.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// With a `.pth`: the Gemma folder or repo (default: the YAML's text encoder).
+    #[arg(long)]
+    text_encoder: Option<String>,
+    /// With a `.pth`: the DC-AE folder or repo (default: the YAML's, in diffusers format).
+    #[arg(long)]
+    vae: Option<String>,
     /// The prompt; repeat the flag for several prompts in one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -26,13 +38,14 @@ pub struct GenerateArgs {
     /// Denoising steps (default: 20, or 2 for SANA-Sprint).
     #[arg(long)]
     steps: Option<usize>,
-    /// Guidance scale (classifier-free; embedded for SANA-Sprint).
-    #[arg(long, default_value_t = 4.5)]
-    guidance_scale: f32,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
+    /// Guidance scale (classifier-free; embedded for SANA-Sprint). Default: the model's (4.5).
+    #[arg(long)]
+    guidance_scale: Option<f32>,
+    /// Default: the model's native size (1024 for 1024px models, 64 for sana-tiny-scenes).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
     /// Seed of the first image; image i of a prompt uses seed + i, prompt k starts at seed + k·n.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -47,15 +60,16 @@ pub struct GenerateArgs {
     no_resolution_binning: bool,
     #[arg(long, default_value_t = 300)]
     max_sequence_length: usize,
-    /// Do not prepend the complex human instruction to the prompt.
+    /// Do not prepend the complex human instruction to the prompt (models trained without it,
+    /// such as sana-tiny-scenes, never get it).
     #[arg(long)]
     no_complex_human_instruction: bool,
     /// Weights dtype: auto (f32 on CPU; bf16, or f16 for fp16-trained checkpoints, on CUDA), f32,
     /// bf16 or f16 (Gemma and the DC-AE then stay in bf16: they overflow f16).
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// cpu or cuda[:N].
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda[:N], or auto (the first GPU when the binary has CUDA and one is present).
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Output file; the format follows the extension (png, jpg/jpeg, webp). Several images are
     /// written as name-0.png, name-1.png, ...
@@ -63,10 +77,15 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
+/// `cpu`, `cuda`, `cuda:N`, or `auto` (`cuda:0` when CUDA is compiled in and a GPU answers).
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
         _ => {
             let ordinal = match s.strip_prefix("cuda") {
                 Some("") => 0,
@@ -82,21 +101,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open the GPU"))
         }
     }
-}
-
-fn parse_precision(s: &str, device: &Device, transformer_dir: &Path) -> Result<Precision> {
-    let one = |d: DType| Precision {
-        transformer: d,
-        text_encoder: if d == DType::F16 { DType::BF16 } else { d },
-        vae: if d == DType::F16 { DType::BF16 } else { d },
-    };
-    Ok(match s {
-        "auto" => Precision::default_for(device, transformer_dir),
-        "f32" => one(DType::F32),
-        "bf16" => one(DType::BF16),
-        "f16" => one(DType::F16),
-        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
-    })
 }
 
 /// `out.png` for one image, `out-0.png`, `out-1.png`, … for several.
@@ -141,19 +145,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
     }
     let device = parse_device(&args.device)?;
-    let root = resolve(&ModelSource::parse(&args.model)?, &HubOptions::from_env())?;
-    let mut opts = LoadOptions::new(device.clone());
-    opts.precision = Some(parse_precision(
-        &args.dtype,
-        &device,
-        &root.join("transformer"),
-    )?);
-    let pipe =
-        SanaPipeline::load(&root, &opts).with_context(|| format!("loading {}", root.display()))?;
-    let steps = args.steps.unwrap_or(match pipe.kind() {
-        sana_model::pipeline::PipelineKind::Sana => 20,
-        sana_model::pipeline::PipelineKind::Sprint => 2,
-    });
+    let spec = ModelSpec {
+        model: args.model.clone(),
+        model_config: args.model_config.clone(),
+        text_encoder: args.text_encoder.clone(),
+        vae: args.vae.clone(),
+    };
+    let (resolved, _) = spec.resolve()?;
+    let pipe = resolved.load(&device, &args.dtype, None)?;
+    let defaults = pipe.defaults();
+    let steps = args.steps.unwrap_or(defaults.steps);
+    let guidance_scale = args.guidance_scale.unwrap_or(defaults.guidance_scale);
+    let native = pipe.transformer().config().sample_size * pipe.vae_scale_factor();
     let items = args
         .prompt
         .iter()
@@ -171,7 +174,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .unwrap_or_default(),
             num_images: args.num_images,
             seed: args.seed.wrapping_add((k * args.num_images) as u64),
-            guidance_scale: args.guidance_scale,
+            guidance_scale,
         })
         .collect();
     let latents = match &args.latents {
@@ -187,12 +190,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let req = GenerateRequest {
         items,
-        width: args.width,
-        height: args.height,
+        width: args.width.unwrap_or(native),
+        height: args.height.unwrap_or(native),
         steps,
         use_resolution_binning: !args.no_resolution_binning,
         max_sequence_length: args.max_sequence_length,
-        complex_human_instruction: !args.no_complex_human_instruction,
+        complex_human_instruction: defaults.complex_human_instruction
+            && !args.no_complex_human_instruction,
         latents,
         schedule: Default::default(),
         scheduler: None,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod model;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -26,9 +27,70 @@ enum Command {
     Serve(sana_server::ServeArgs),
     /// Time parts of the model beside the Python reference and print the ratios.
     Bench(bench::BenchArgs),
+    /// Exit 0 when a local server answers `/health` (a container HEALTHCHECK without curl).
+    Health {
+        /// The health URL; default: port `$SANA_PORT` (8080) on the loopback.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn health(url: Option<String>) -> anyhow::Result<()> {
+    let url = url.unwrap_or_else(|| {
+        let port = std::env::var("SANA_PORT").unwrap_or_else(|_| "8080".into());
+        format!("http://127.0.0.1:{port}/health")
+    });
+    let resp = ureq::get(&url)
+        .timeout(std::time::Duration::from_secs(5))
+        .call()
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    println!("{url}: {}", resp.status());
+    Ok(())
+}
+
+/// `sana serve --config FILE` (or `SANA_CONFIG`): the file's settings become environment
+/// variables where none is set, so flags > environment > file when clap parses.
+fn apply_serve_config() -> Result<(), String> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) != Some("serve") {
+        return Ok(());
+    }
+    let from_flag = argv.iter().enumerate().find_map(|(i, a)| {
+        if a == "--config" {
+            argv.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_string)
+        }
+    });
+    let Some(path) = from_flag.or_else(|| std::env::var("SANA_CONFIG").ok()) else {
+        return Ok(());
+    };
+    for (key, value) in sana_server::config::read_env_file(std::path::Path::new(&path))? {
+        if std::env::var_os(&key).is_none() {
+            // Single-threaded here: nothing else reads the environment yet.
+            std::env::set_var(key, value);
+        }
+    }
+    Ok(())
+}
+
+/// candle sizes its CPU thread pools from `RAYON_NUM_THREADS`, and without it re-reads
+/// `/proc/cpuinfo` on every matmul (≈25% of a small model's time). Set it once, from the CPUs this
+/// process may use (cgroup quotas included), unless the user did.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Single-threaded here: nothing else reads the environment yet.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
 }
 
 fn main() {
+    pin_thread_count();
+    if let Err(e) = apply_serve_config() {
+        eprintln!("error: --config {e}");
+        std::process::exit(1);
+    }
     let cli = Cli::parse();
     // A server logs its requests; the one-shot commands only warnings. RUST_LOG overrides.
     let default_level = match cli.command {
@@ -47,6 +109,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Health { url } => health(url),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

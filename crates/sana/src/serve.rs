@@ -4,32 +4,38 @@
 use anyhow::{Context, Result};
 use sana_backend::{Backend, BackendError};
 use sana_model::backend::SanaBackend;
-use sana_model::pipeline::{LoadOptions, SanaPipeline};
-use sana_model::source::{resolve, HubOptions, ModelSource};
 use sana_server::{ServeArgs, ServerConfig};
 
 use crate::generate::parse_device;
+use crate::model::ModelSpec;
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let model_spec = args.model.clone();
-    let max_batch_images = args.max_batch_images;
-    let config = ServerConfig::try_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Download (or find in the cache) once, before any worker starts.
-    let root = resolve(&ModelSource::parse(&model_spec)?, &HubOptions::from_env())
-        .with_context(|| format!("--model {model_spec}"))?;
-    // The API's model id: the repo id, or a local folder's name.
-    let model_id = match ModelSource::parse(&model_spec)? {
-        ModelSource::Hub { repo, .. } => repo,
-        ModelSource::Dir(dir) => dir
-            .canonicalize()
-            .unwrap_or(dir)
-            .file_name()
-            .map_or_else(|| model_spec.clone(), |n| n.to_string_lossy().into_owned()),
+    let spec = ModelSpec {
+        model: args.model.clone(),
+        model_config: args.model_config.clone(),
+        text_encoder: args.text_encoder.clone(),
+        vae: args.vae.clone(),
     };
+    let max_batch_images = args.max_batch_images;
+    let (dtype, variant) = (args.dtype.clone(), args.variant.clone());
+    let (default_steps, default_guidance) = (args.default_steps, args.default_guidance_scale);
+    let config = ServerConfig::try_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Download (or find in the cache, or extract) once, before any worker starts.
+    let (resolved, model_id) = spec.resolve()?;
     let factory = move |device: &str| -> Result<Box<dyn Backend>, BackendError> {
-        let device = parse_device(device).map_err(|e| BackendError::Internal(format!("{e:#}")))?;
-        let pipe = SanaPipeline::load(&root, &LoadOptions::new(device))
-            .map_err(|e| BackendError::Internal(format!("loading {}: {e}", root.display())))?;
+        let internal = |e: anyhow::Error| BackendError::Internal(format!("{e:#}"));
+        let device = parse_device(device).map_err(internal)?;
+        let mut pipe = resolved
+            .load(&device, &dtype, variant.as_deref())
+            .map_err(internal)?;
+        let mut defaults = pipe.defaults();
+        if let Some(steps) = default_steps {
+            defaults.steps = steps as usize;
+        }
+        if let Some(g) = default_guidance {
+            defaults.guidance_scale = g;
+        }
+        pipe.set_defaults(defaults);
         Ok(Box::new(SanaBackend::new(
             pipe,
             &model_id,

@@ -1,11 +1,12 @@
-//! Black-box tests of the `sana` binary on a tiny random pipeline assembled from the committed
-//! fixtures (the real model code path; no network, CPU only).
+//! Black-box tests of the `sana` binary (no network, CPU only): `generate` on a tiny random
+//! pipeline assembled from the committed fixtures and on the embedded model; `serve` on the
+//! embedded model, the default when no `--model` is given.
 
 // ureq::Error is what the client returns; boxing it buys nothing in a test.
 #![allow(clippy::result_large_err)]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -145,7 +146,13 @@ impl Drop for Server {
     }
 }
 
-fn serve(model: &Path, extra: &[&str]) -> Server {
+/// A fresh cache folder for the embedded model's extraction (the tests leave ~/.cache alone).
+fn cache_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sana-cli-cache-{tag}-{}", std::process::id()))
+}
+
+/// `sana serve` on a free port with the embedded model (no `--model`).
+fn serve(extra: &[&str]) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -161,10 +168,10 @@ fn serve(model: &Path, extra: &[&str]) -> Server {
             "cpu",
             "--port",
             &port.to_string(),
-            "--model",
         ])
-        .arg(model)
         .args(extra)
+        .env("SANA_CACHE_DIR", cache_dir(&port.to_string()))
+        .env_remove("SANA_MODEL")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -204,9 +211,14 @@ fn generate(
 
 #[test]
 fn serve_answers_generations_and_drains_on_sigterm() {
-    let model = model_dir("serve");
-    let mut server = serve(&model, &[]);
+    let mut server = serve(&[]);
     let port = server.port;
+    let models: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/v1/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "sana-tiny-scenes", "{models}");
     let resp = generate(port, serde_json::json!({"prompt": "a red circle", "size": "96x64", "n": 2, "num_inference_steps": 2}), None).unwrap();
     assert!(resp.header("x-total-time").is_some());
     let body: serde_json::Value = resp.into_json().unwrap();
@@ -236,7 +248,7 @@ fn serve_answers_generations_and_drains_on_sigterm() {
     let slow = std::thread::spawn(move || {
         generate(
             port,
-            serde_json::json!({"prompt": "slow", "size": "256x256", "num_inference_steps": 20}),
+            serde_json::json!({"prompt": "slow", "size": "128x128", "n": 4, "num_inference_steps": 50}),
             None,
         )
         .map(|r| r.status())
@@ -261,11 +273,7 @@ fn serve_answers_generations_and_drains_on_sigterm() {
 
 #[test]
 fn serve_refuses_without_a_key_and_under_overload() {
-    let model = model_dir("auth");
-    let server = serve(
-        &model,
-        &["--api-key", "s3cret", "--max-concurrent-requests", "1"],
-    );
+    let server = serve(&["--api-key", "s3cret", "--max-concurrent-requests", "1"]);
     let port = server.port;
     let body = serde_json::json!({"prompt": "x", "size": "64x64", "num_inference_steps": 1});
     match generate(port, body.clone(), None) {
@@ -279,7 +287,7 @@ fn serve_refuses_without_a_key_and_under_overload() {
     // One admitted at a time: once the long request is admitted (the admission counter in
     // /metrics reaches 2), another is refused at once with 429 and `Retry-After`.
     let first = std::thread::spawn(move || {
-        let body = serde_json::json!({"prompt": "long", "size": "1024x1024", "n": 4, "num_inference_steps": 100});
+        let body = serde_json::json!({"prompt": "long", "size": "128x128", "n": 4, "num_inference_steps": 100});
         generate(port, body, Some("s3cret")).map(|r| r.status())
     });
     let admitted = |port: u16| -> u64 {
@@ -293,14 +301,14 @@ fn serve_refuses_without_a_key_and_under_overload() {
             .find_map(|l| l.strip_prefix("sana_request_count "))
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while admitted(port) < 2 {
         assert!(
             !first.is_finished(),
             "the long request ended before admission was seen"
         );
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the long request was never admitted"
         );
         std::thread::sleep(Duration::from_millis(5));
@@ -316,4 +324,168 @@ fn serve_refuses_without_a_key_and_under_overload() {
         other => panic!("expected 429 while the long request runs, got {other:?}"),
     }
     assert_eq!(first.join().unwrap().unwrap(), 200);
+}
+
+#[test]
+fn serve_streams_partial_images_then_the_images() {
+    let server = serve(&[]);
+    let body = serde_json::json!({
+        "prompt": "a large blue circle in the centre on a yellow background",
+        "size": "64x64", "n": 2, "stream": true, "partial_images": 2, "seed": 5,
+    });
+    let resp = generate(server.port, body, None).unwrap();
+    assert_eq!(resp.content_type(), "text/event-stream");
+    // Read the events off the socket as they come.
+    let mut events = Vec::new();
+    let mut kind = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader())) {
+        let line = line.unwrap();
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.to_string();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["type"], kind.as_str(), "{v}");
+            events.push(v);
+        }
+    }
+    let kinds: Vec<(&str, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["image_index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let partial = "image_generation.partial_image";
+    let completed = "image_generation.completed";
+    assert_eq!(
+        kinds.iter().filter(|k| k.0 == partial).count(),
+        4,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| k.0 == completed).count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last().unwrap().0, completed);
+    for image in 0..2 {
+        // Each image's previews come before it.
+        let done = kinds.iter().position(|k| *k == (completed, image)).unwrap();
+        assert!(
+            kinds[..done]
+                .iter()
+                .filter(|k| **k == (partial, image))
+                .count()
+                == 2,
+            "{kinds:?}"
+        );
+    }
+    for e in &events {
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(e["b64_json"].as_str().unwrap())
+            .unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64));
+    }
+}
+
+#[test]
+fn generate_uses_the_embedded_model_by_default() {
+    let out = std::env::temp_dir().join(format!("sana-cli-embedded-{}.png", std::process::id()));
+    let run = sana()
+        .args([
+            "generate",
+            "--prompt",
+            "a big red square on the left on a white background",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .env("SANA_CACHE_DIR", cache_dir("generate"))
+        .env_remove("SANA_MODEL")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 64), "the model's native size");
+    let found = sana_scenes::check(img.as_raw(), 64, 64);
+    assert_eq!(found.background, "white", "{found:?}");
+}
+
+#[test]
+fn generate_from_an_nvlabs_checkpoint() {
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .canonicalize()
+        .unwrap();
+    // A transformers-style Gemma folder: config, weights and tokenizer side by side.
+    let gemma = std::env::temp_dir().join(format!("sana-cli-gemma-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&gemma);
+    std::fs::create_dir_all(&gemma).unwrap();
+    for sub in ["text_encoder", "tokenizer"] {
+        for entry in std::fs::read_dir(fx.join("text_encoder/pipeline").join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            std::os::unix::fs::symlink(&path, gemma.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = std::env::temp_dir().join(format!("sana-cli-pth-{}.png", std::process::id()));
+    let pth = fx.join("nvlabs/ms/model.pth");
+    let yaml = fx.join("nvlabs/ms/config.yaml");
+    let run = |extra: &[&std::ffi::OsStr]| {
+        sana()
+            .arg("generate")
+            .arg("--model")
+            .arg(&pth)
+            .args(extra)
+            .args([
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+            ])
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&[
+        "--model-config".as_ref(),
+        yaml.as_os_str(),
+        "--text-encoder".as_ref(),
+        gemma.as_os_str(),
+        "--vae".as_ref(),
+        fx.join("autoencoder/sana_small").as_os_str(),
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    // Without its YAML the checkpoint is refused with a pointer to the flag.
+    let err = run(&[]);
+    assert_eq!(err.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--model-config"));
+    // A DC-AE whose latent channels do not fit the transformer is refused by name.
+    let bad = run(&[
+        "--model-config".as_ref(),
+        yaml.as_os_str(),
+        "--text-encoder".as_ref(),
+        gemma.as_os_str(),
+        "--vae".as_ref(),
+        fx.join("autoencoder/quadratic").as_os_str(),
+    ]);
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && msg.contains("latent"), "{msg}");
 }

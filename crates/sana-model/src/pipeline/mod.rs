@@ -171,6 +171,48 @@ impl GenerateRequest {
     }
 }
 
+/// What a request that leaves them out gets: diffusers' call defaults unless the folder's optional
+/// `sana_defaults.json` (a file of this project, e.g. in the embedded demo model) says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    pub steps: usize,
+    pub guidance_scale: f32,
+    /// Prepend the complex human instruction (models trained without it set `false`).
+    pub complex_human_instruction: bool,
+}
+
+impl GenerationDefaults {
+    /// diffusers' defaults: 20 steps (2 for Sprint), guidance 4.5, the instruction on.
+    pub fn for_kind(kind: PipelineKind) -> Self {
+        Self {
+            steps: match kind {
+                PipelineKind::Sana => 20,
+                PipelineKind::Sprint => 2,
+            },
+            guidance_scale: 4.5,
+            complex_human_instruction: true,
+        }
+    }
+
+    /// `root/sana_defaults.json` when present (every key required, unknown keys refused), else
+    /// [`GenerationDefaults::for_kind`].
+    pub fn load(root: &Path, kind: PipelineKind) -> Result<Self> {
+        let path = root.join("sana_defaults.json");
+        if !path.exists() {
+            return Ok(Self::for_kind(kind));
+        }
+        let defaults: Self = read_config(&path)?;
+        if defaults.steps == 0 || !(defaults.guidance_scale.is_finite()) {
+            return Err(Error::Config {
+                path,
+                message: "`steps` must be at least 1 and `guidance_scale` finite".into(),
+            });
+        }
+        Ok(defaults)
+    }
+}
+
 /// A generated image, interleaved RGB8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GeneratedImage {
@@ -211,6 +253,7 @@ pub struct SanaPipeline {
     precision: Precision,
     device: Device,
     decode_budget_bytes: usize,
+    defaults: GenerationDefaults,
 }
 
 impl SanaPipeline {
@@ -256,6 +299,7 @@ impl SanaPipeline {
                 reason: "SanaSprintPipeline samples with SCMScheduler".into(),
             });
         }
+        let defaults = GenerationDefaults::load(root, kind)?;
         Ok(Self {
             kind,
             text_encoder,
@@ -265,6 +309,77 @@ impl SanaPipeline {
             precision,
             device: opts.device.clone(),
             decode_budget_bytes: opts.decode_budget_bytes,
+            defaults,
+        })
+    }
+
+    /// Loads an original NVlabs checkpoint: the transformer from `pth` with its training `yaml`
+    /// (see [`crate::nvlabs`]), Gemma and its tokenizer from `text_encoder_dir` (a transformers
+    /// folder such as `Efficient-Large-Model/gemma-2-2b-it`: `config.json`, weights and
+    /// `tokenizer.json` side by side), the DC-AE from `vae_dir` (a diffusers `AutoencoderDC`
+    /// folder), and the sampler the YAML implies ([`crate::nvlabs::NvlabsConfig::scheduler_config`]).
+    /// Precision by default: f32 on CPU; on CUDA the transformer in the YAML's `mixed_precision`
+    /// (f16 for fp16-trained models, else bf16), Gemma and the DC-AE in bf16.
+    pub fn load_nvlabs(
+        pth: &Path,
+        yaml: &Path,
+        text_encoder_dir: &Path,
+        vae_dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let nv = crate::nvlabs::NvlabsConfig::read(yaml)?;
+        let kind = if nv.model.cfg_embed {
+            PipelineKind::Sprint
+        } else {
+            PipelineKind::Sana
+        };
+        let precision = opts.precision.unwrap_or_else(|| {
+            if opts.device.is_cpu() {
+                Precision::default_for(&opts.device, Path::new(""))
+            } else {
+                Precision {
+                    transformer: match nv.model.mixed_precision.as_deref() {
+                        Some("fp16") => DType::F16,
+                        _ => DType::BF16,
+                    },
+                    text_encoder: DType::BF16,
+                    vae: DType::BF16,
+                }
+            }
+        });
+        precision.validate()?;
+        let dev = &opts.device;
+        let transformer = crate::nvlabs::load_transformer(pth, yaml, precision.transformer, dev)?;
+        let vae = AutoencoderDC::load(vae_dir, opts.variant.as_deref(), precision.vae, dev)?;
+        let text_encoder = SanaTextEncoder::load(
+            text_encoder_dir,
+            text_encoder_dir,
+            precision.text_encoder,
+            dev,
+        )?;
+        let expected = transformer.config().in_channels;
+        if vae.config().latent_channels != expected {
+            return Err(Error::Unsupported {
+                field: "vae.latent_channels",
+                value: vae.config().latent_channels.to_string(),
+                reason: format!(
+                    "{} has {} latent channels, the transformer of {} expects {expected}",
+                    vae_dir.display(),
+                    vae.config().latent_channels,
+                    pth.display()
+                ),
+            });
+        }
+        Ok(Self {
+            kind,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler: nv.scheduler_config()?,
+            precision,
+            device: opts.device.clone(),
+            decode_budget_bytes: opts.decode_budget_bytes,
+            defaults: GenerationDefaults::for_kind(kind),
         })
     }
 
@@ -291,11 +406,22 @@ impl SanaPipeline {
             precision,
             device: opts.device.clone(),
             decode_budget_bytes: opts.decode_budget_bytes,
+            defaults: GenerationDefaults::for_kind(kind),
         }
     }
 
     pub fn kind(&self) -> PipelineKind {
         self.kind
+    }
+
+    /// Steps, guidance and instruction for requests that leave them out.
+    pub fn defaults(&self) -> GenerationDefaults {
+        self.defaults
+    }
+
+    /// Replaces the defaults (e.g. a deployment's preset).
+    pub fn set_defaults(&mut self, defaults: GenerationDefaults) {
+        self.defaults = defaults;
     }
 
     pub fn precision(&self) -> Precision {

@@ -11,9 +11,32 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// All tensors of a safetensors file, on CPU, in their stored dtype.
+/// The device the parity tests run on: `SANA_TEST_DEVICE` (`cpu`, the default, or `cuda:N`), so
+/// the GPU check (`scripts/gpu-check.sh`) runs the same tests and tolerances on a GPU.
+pub fn device() -> Device {
+    match std::env::var("SANA_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("" | "cpu") => Device::Cpu,
+        Ok(other) => {
+            let n = other
+                .strip_prefix("cuda")
+                .map(|r| r.trim_start_matches(':'))
+                .map(|r| {
+                    if r.is_empty() {
+                        Ok(0)
+                    } else {
+                        r.parse::<usize>()
+                    }
+                })
+                .and_then(Result::ok)
+                .unwrap_or_else(|| panic!("SANA_TEST_DEVICE={other}: expected cpu or cuda:N"));
+            Device::new_cuda(n).unwrap_or_else(|e| panic!("SANA_TEST_DEVICE={other}: {e}"))
+        }
+    }
+}
+
+/// All tensors of a safetensors file, on [`device`], in their stored dtype.
 pub fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &device())
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 

@@ -24,7 +24,8 @@ type Case = (
 async fn invalid_requests_name_the_field_the_limit_and_the_value() {
     let server = server(&["--max-prompt-chars", "100"]).await;
     let bad = StatusCode::BAD_REQUEST;
-    let limit = StatusCode::UNPROCESSABLE_ENTITY;
+    // Beyond a limit: 400 as well (OpenAI's status for any invalid parameter), type `validation`.
+    let limit = StatusCode::BAD_REQUEST;
     let cases: Vec<Case> = vec![
         // Shape: 400 invalid_request.
         (
@@ -251,7 +252,7 @@ async fn invalid_requests_name_the_field_the_limit_and_the_value() {
             "invalid_type",
             &["`negative_prompt`"],
         ),
-        // Limits of the model and server: 422 validation.
+        // Limits of the model and server: 400 validation.
         (
             json!({"prompt": "   "}),
             limit,

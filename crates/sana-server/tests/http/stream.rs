@@ -215,5 +215,5 @@ async fn a_stream_refused_up_front_is_a_plain_json_error() {
         json!({"prompt": "a", "size": "33x32", "stream": true}),
     )
     .await;
-    answer.expect_error(StatusCode::UNPROCESSABLE_ENTITY, "validation", Some("size"));
+    answer.expect_error(StatusCode::BAD_REQUEST, "validation", Some("size"));
 }

@@ -1,0 +1,148 @@
+//! What `--model` names, resolved once (downloaded, found in the cache, or extracted) and loaded
+//! per device: a diffusers folder, a Hub repo id, the embedded demo model, or an original NVlabs
+//! `.pth` checkpoint with its YAML and the Gemma and DC-AE repos it was trained with.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use sana_model::nvlabs::NvlabsConfig;
+use sana_model::pipeline::{LoadOptions, Precision, SanaPipeline};
+use sana_model::source::{resolve, resolve_component, HubOptions, ModelSource};
+
+/// `--model` and the flags that only matter for an NVlabs `.pth`.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub model: String,
+    /// The NVlabs training YAML (required with a `.pth`).
+    pub model_config: Option<PathBuf>,
+    /// Gemma folder or repo id (default: the YAML's `text_encoder_name`).
+    pub text_encoder: Option<String>,
+    /// DC-AE folder or repo id (default: the YAML's `vae_pretrained`, diffusers format).
+    pub vae: Option<String>,
+}
+
+/// Local files of a pipeline, ready to load on any device.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// A diffusers folder.
+    Folder(PathBuf),
+    /// An NVlabs checkpoint and the folders of its other parts.
+    Nvlabs {
+        pth: PathBuf,
+        yaml: PathBuf,
+        text_encoder: PathBuf,
+        vae: PathBuf,
+    },
+}
+
+impl ModelSpec {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            model_config: None,
+            text_encoder: None,
+            vae: None,
+        }
+    }
+
+    /// Resolves the files (downloading or extracting what is missing) and the id the API reports.
+    pub fn resolve(&self) -> Result<(Resolved, String)> {
+        let spec = self.model.as_str();
+        let is_pth = Path::new(spec)
+            .extension()
+            .is_some_and(|e| e == "pth" || e == "pt");
+        if !is_pth
+            && (self.model_config.is_some() || self.vae.is_some() || self.text_encoder.is_some())
+        {
+            bail!("--model-config, --text-encoder and --vae go with an NVlabs .pth --model; {spec} is not one");
+        }
+        if spec == sana_scenes::MODEL_ID {
+            let root = sana_scenes::materialize().context("the embedded model")?;
+            return Ok((Resolved::Folder(root), spec.to_string()));
+        }
+        let hub = HubOptions::from_env();
+        if is_pth {
+            let pth = PathBuf::from(spec);
+            if !pth.is_file() {
+                bail!("--model {spec}: no such file");
+            }
+            let yaml = self.model_config.clone().with_context(|| {
+                format!("--model {spec} is an NVlabs checkpoint: give its training YAML with --model-config")
+            })?;
+            let nv = NvlabsConfig::read(&yaml)?;
+            let part = |given: &Option<String>, default: String, what: &str| -> Result<PathBuf> {
+                let name = given.clone().unwrap_or(default);
+                resolve_component(&ModelSource::parse(&name)?, &hub)
+                    .with_context(|| format!("the {what} {name}"))
+            };
+            let text_encoder = part(&self.text_encoder, nv.text_encoder_repo(), "text encoder")?;
+            let vae = part(&self.vae, nv.vae_repo(), "autoencoder")?;
+            let id = pth
+                .file_stem()
+                .map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned());
+            return Ok((
+                Resolved::Nvlabs {
+                    pth,
+                    yaml,
+                    text_encoder,
+                    vae,
+                },
+                id,
+            ));
+        }
+        let source = ModelSource::parse(spec)?;
+        let root = resolve(&source, &hub).with_context(|| format!("--model {spec}"))?;
+        let id = match source {
+            ModelSource::Hub { repo, .. } => repo,
+            ModelSource::Dir(dir) => dir
+                .canonicalize()
+                .unwrap_or(dir)
+                .file_name()
+                .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
+        };
+        Ok((Resolved::Folder(root), id))
+    }
+}
+
+impl Resolved {
+    /// Loads the pipeline on `device` in `dtype` (`auto`: the model's precision policy).
+    pub fn load(
+        &self,
+        device: &Device,
+        dtype: &str,
+        variant: Option<&str>,
+    ) -> Result<SanaPipeline> {
+        let mut opts = LoadOptions::new(device.clone());
+        opts.precision = parse_precision(dtype)?;
+        opts.variant = variant.map(str::to_string);
+        match self {
+            Resolved::Folder(root) => SanaPipeline::load(root, &opts)
+                .with_context(|| format!("loading {}", root.display())),
+            Resolved::Nvlabs {
+                pth,
+                yaml,
+                text_encoder,
+                vae,
+            } => SanaPipeline::load_nvlabs(pth, yaml, text_encoder, vae, &opts)
+                .with_context(|| format!("loading {}", pth.display())),
+        }
+    }
+}
+
+/// `auto` → `None` (the model's policy); `f32`, `bf16`, `f16` for the transformer (Gemma and the
+/// DC-AE stay in bf16 under f16: they overflow it).
+pub fn parse_precision(s: &str) -> Result<Option<Precision>> {
+    let one = |d: DType| Precision {
+        transformer: d,
+        text_encoder: if d == DType::F16 { DType::BF16 } else { d },
+        vae: if d == DType::F16 { DType::BF16 } else { d },
+    };
+    Ok(match s {
+        "auto" => None,
+        "f32" => Some(one(DType::F32)),
+        "bf16" => Some(one(DType::BF16)),
+        "f16" => Some(one(DType::F16)),
+        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
+    })
+}
