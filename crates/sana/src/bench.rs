@@ -507,6 +507,9 @@ impl PipelineBench {
             SchedulerConfig::from_file(&self.scheduler_config)?,
             &LoadOptions::new(dev.clone()),
         );
+        // Every run encodes the prompt anew, as diffusers does: no cache of finished prompt
+        // embeddings (the instruction prefix, the same for every prompt, stays cached).
+        pipe.text_encoder().set_cache_capacity(0);
         println!(
             "pipeline: built with random {} weights on {} in {:.1} s",
             self.dtype,
@@ -626,6 +629,8 @@ impl ModelBench {
             bail!("bench model times diffusers folders");
         };
         let pipe = resolved.load(&Device::Cpu, "f32", None)?;
+        // Every run encodes its prompt anew, as diffusers does (see PipelineBench).
+        pipe.text_encoder().set_cache_capacity(0);
         let d = pipe.defaults();
         let native = pipe.transformer().config().sample_size * pipe.vae_scale_factor();
         let size = self.size.unwrap_or(native);
