@@ -11,8 +11,8 @@
 #       unpacks dist/gpu-check.tar.xz when present, runs the parity tests on the device (f32 within the CPU
 #       tolerances, bf16 within 3e-2: the same tests and tolerances as `cargo test`), then `sana bench pipeline` for
 #       Sana_600M and Sana_1600M at each size and batch, with diffusers timed in the same run when python3 has
-#       torch and diffusers (SANA_REFERENCE_PYTHON to choose another). --quick: 512 only, batch 1 and 2, 4 steps
-#       (what a CPU can finish). The CUDA binary needs the CUDA 13 runtime libraries: LD_LIBRARY_PATH is pointed
+#       torch and diffusers (SANA_REFERENCE_PYTHON to choose another). --quick: 512 only, batch 1, 2 steps, one
+#       timed run without warm-up (what a CPU can finish in minutes). The CUDA binary needs the CUDA 13 runtime libraries: LD_LIBRARY_PATH is pointed
 #       at torch's bundled ones when they are found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,11 +39,11 @@ if [ "$mode" = build ]; then
 fi
 
 [ "$mode" = run ] || { echo "unknown mode $mode" >&2; exit 2; }
-device=cuda:0; sizes="512 1024"; batches="1 16"; steps=20; dtype=bf16
+device=cuda:0; sizes="512 1024"; batches="1 16"; steps=20; dtype=bf16; runs=(--warmup 1 --repeat 2)
 while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
-    --quick) sizes=512; batches="1 2"; steps=4; shift ;;
+    --quick) sizes=512; batches=1; steps=2; runs=(--warmup 0 --repeat 1); shift ;;
     --sizes) sizes=$2; shift 2 ;;
     --batches) batches=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
@@ -73,7 +73,7 @@ echo "== timings on $device ($dtype), $steps steps"
 for model in Sana_600M Sana_1600M; do
   for size in $sizes; do
     for batch in $batches; do
-      "$bin/sana" bench "${ref[@]}" --warmup 1 --repeat 2 pipeline \
+      "$bin/sana" bench "${ref[@]}" "${runs[@]}" pipeline \
         --transformer-config "tests/fixtures/real-configs/transformer/${model}_${size}px.json" \
         --size "$size" --batch "$batch" --steps "$steps" --device "$device" --dtype "$dtype" || status=1
     done

@@ -29,6 +29,9 @@ pub struct GenerateArgs {
     /// With a `.pth`: the DC-AE folder or repo (default: the YAML's, in diffusers format).
     #[arg(long)]
     vae: Option<String>,
+    /// Weight-file variant to download and load where a model has one (`fp16`, `bf16`).
+    #[arg(long)]
+    variant: Option<String>,
     /// The prompt; repeat the flag for several prompts in one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -150,9 +153,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         model_config: args.model_config.clone(),
         text_encoder: args.text_encoder.clone(),
         vae: args.vae.clone(),
+        variant: args.variant.clone(),
     };
     let (resolved, _) = spec.resolve()?;
-    let pipe = resolved.load(&device, &args.dtype, None)?;
+    let pipe = resolved.load(&device, &args.dtype, args.variant.as_deref())?;
     let defaults = pipe.defaults();
     let steps = args.steps.unwrap_or(defaults.steps);
     let guidance_scale = args.guidance_scale.unwrap_or(defaults.guidance_scale);

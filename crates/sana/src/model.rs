@@ -20,6 +20,8 @@ pub struct ModelSpec {
     pub text_encoder: Option<String>,
     /// DC-AE folder or repo id (default: the YAML's `vae_pretrained`, diffusers format).
     pub vae: Option<String>,
+    /// Weight-file variant (`fp16`, `bf16`) to download from the Hub where a model has one.
+    pub variant: Option<String>,
 }
 
 /// Local files of a pipeline, ready to load on any device.
@@ -43,6 +45,7 @@ impl ModelSpec {
             model_config: None,
             text_encoder: None,
             vae: None,
+            variant: None,
         }
     }
 
@@ -61,7 +64,8 @@ impl ModelSpec {
             let root = sana_scenes::materialize().context("the embedded model")?;
             return Ok((Resolved::Folder(root), spec.to_string()));
         }
-        let hub = HubOptions::from_env();
+        let mut hub = HubOptions::from_env();
+        hub.variant = self.variant.clone();
         if is_pth {
             let pth = PathBuf::from(spec);
             if !pth.is_file() {

@@ -15,6 +15,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_config: args.model_config.clone(),
         text_encoder: args.text_encoder.clone(),
         vae: args.vae.clone(),
+        variant: args.variant.clone(),
     };
     let max_batch_images = args.max_batch_images;
     let (dtype, variant) = (args.dtype.clone(), args.variant.clone());
