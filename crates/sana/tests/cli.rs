@@ -197,6 +197,18 @@ fn serve(extra: &[&str]) -> Server {
     server
 }
 
+/// Requests admitted so far, from `/metrics`.
+fn admitted(port: u16, key: Option<&str>) -> u64 {
+    let mut req = ureq::get(&format!("http://127.0.0.1:{port}/metrics"));
+    if let Some(k) = key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    let text = req.call().unwrap().into_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("sana_request_count "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
 fn generate(
     port: u16,
     body: serde_json::Value,
@@ -211,7 +223,8 @@ fn generate(
 
 #[test]
 fn serve_answers_generations_and_drains_on_sigterm() {
-    let mut server = serve(&[]);
+    // A long grace: the in-flight request must finish even on a loaded machine.
+    let mut server = serve(&["--shutdown-grace", "600s"]);
     let port = server.port;
     let models: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/v1/models"))
         .call()
@@ -244,16 +257,28 @@ fn serve_answers_generations_and_drains_on_sigterm() {
     )
     .unwrap();
     assert!(image::load_from_memory(&bytes).is_ok());
-    // SIGTERM with a request in flight: it is answered, then the process exits cleanly.
+    // SIGTERM with a request in flight (admitted: the third in /metrics): it is answered, then
+    // the process exits cleanly.
     let slow = std::thread::spawn(move || {
         generate(
             port,
-            serde_json::json!({"prompt": "slow", "size": "128x128", "n": 4, "num_inference_steps": 50}),
+            serde_json::json!({"prompt": "slow", "size": "128x128", "num_inference_steps": 20}),
             None,
         )
         .map(|r| r.status())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admitted(port, None) < 3 {
+        assert!(
+            !slow.is_finished(),
+            "the slow request ended before admission was seen"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the slow request was never admitted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pid = server.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -290,19 +315,8 @@ fn serve_refuses_without_a_key_and_under_overload() {
         let body = serde_json::json!({"prompt": "long", "size": "128x128", "n": 4, "num_inference_steps": 100});
         generate(port, body, Some("s3cret")).map(|r| r.status())
     });
-    let admitted = |port: u16| -> u64 {
-        let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-            .set("authorization", "Bearer s3cret")
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("sana_request_count "))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while admitted(port) < 2 {
+    while admitted(port, Some("s3cret")) < 2 {
         assert!(
             !first.is_finished(),
             "the long request ended before admission was seen"
