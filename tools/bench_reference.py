@@ -123,6 +123,34 @@ def pipeline_args(parser: argparse.ArgumentParser):
                         help="the transformer's; Gemma and the DC-AE stay bf16 under f16")
 
 
+def instrument(pipe, device: str):
+    """Times the pipeline's stages (prompt encoding, each transformer forward, decoding), synchronising the
+    device around each; returns a callable giving the last run's totals, with `.clear()` to start a run."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    stages = {}
+
+    def synced(name, fn):
+        def wrapper(*a, **k):
+            sync()
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+            return out
+        return wrapper
+
+    pipe.encode_prompt = synced("encode", pipe.encode_prompt)
+    pipe.transformer.forward = synced("step", pipe.transformer.forward)
+    pipe.vae.decode = synced("decode", pipe.vae.decode)
+
+    def report():
+        return dict(encode_ms=round(sum(stages["encode"]), 3), step_ms_mean=round(statistics.mean(stages["step"]), 3),
+                    decode_ms=round(sum(stages["decode"]), 3))
+
+    report.clear = stages.clear
+    return report
+
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -152,31 +180,14 @@ def pipeline_setup(args: argparse.Namespace):
         scheduler=DPMSolverMultistepScheduler.from_config(load(args.scheduler_config)),
     )
     pipe.set_progress_bar_config(disable=True)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    stages = {}
-
-    def synced(name, fn):
-        def wrapper(*a, **k):
-            sync()
-            start = time.perf_counter()
-            out = fn(*a, **k)
-            sync()
-            stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
-            return out
-        return wrapper
-
-    pipe.encode_prompt = synced("encode", pipe.encode_prompt)
-    pipe.transformer.forward = synced("step", pipe.transformer.forward)
-    pipe.vae.decode = synced("decode", pipe.vae.decode)
+    report = instrument(pipe, device)
 
     def run():
-        stages.clear()
+        report.clear()
         pipe([args.prompt] * args.batch, height=args.size, width=args.size, num_inference_steps=args.steps,
              guidance_scale=args.guidance_scale, output_type="pil")
 
-    run.report = lambda: dict(encode_ms=round(sum(stages["encode"]), 3),
-                              step_ms_mean=round(statistics.mean(stages["step"]), 3),
-                              decode_ms=round(sum(stages["decode"]), 3))
+    run.report = report
     return run
 
 
@@ -196,30 +207,16 @@ def model_setup(args: argparse.Namespace):
 
     pipe = SanaPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    stages = {}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            out = fn(*a, **k)
-            stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
-            return out
-        return wrapper
-
-    pipe.encode_prompt = timed("encode", pipe.encode_prompt)
-    pipe.transformer.forward = timed("step", pipe.transformer.forward)
-    pipe.vae.decode = timed("decode", pipe.vae.decode)
+    report = instrument(pipe, "cpu")
     extra = {} if args.complex_human_instruction == "true" else {"complex_human_instruction": None}
     binning = pipe.transformer.config.sample_size in (16, 32, 64, 128)
 
     def run():
-        stages.clear()
+        report.clear()
         pipe([args.prompt] * args.batch, height=args.size, width=args.size, num_inference_steps=args.steps,
              guidance_scale=args.guidance_scale, use_resolution_binning=binning, output_type="pil", **extra)
 
-    run.report = lambda: dict(encode_ms=round(sum(stages["encode"]), 3),
-                              step_ms_mean=round(statistics.mean(stages["step"]), 3),
-                              decode_ms=round(sum(stages["decode"]), 3))
+    run.report = report
     return run
 
 

@@ -451,9 +451,7 @@ impl PipelineBench {
     /// Times the reference first (it needs ~14 GB and exits, giving its memory back), then ours.
     fn run(&self, args: &BenchArgs) -> Result<()> {
         use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
-        use sana_model::pipeline::{
-            GenerateRequest, LoadOptions, PipelineKind, SanaPipeline, StageTimes,
-        };
+        use sana_model::pipeline::{GenerateRequest, LoadOptions, PipelineKind, SanaPipeline};
         use sana_model::scheduler::SchedulerConfig;
         use sana_model::text_encoder::{
             Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
@@ -520,22 +518,7 @@ impl PipelineBench {
         req.items[0].guidance_scale = self.guidance_scale;
         req.items = vec![req.items[0].clone(); self.batch.max(1)];
         (req.width, req.height, req.steps) = (self.size, self.size, self.steps);
-        let mut times = StageTimes::default();
-        let mut total = 0.0;
-        for _ in 0..args.warmup {
-            pipe.generate(&req, &mut |_| {
-                sana_model::pipeline::sampling::Flow::Continue
-            })?;
-        }
-        for _ in 0..args.repeat.max(1) {
-            let t0 = Instant::now();
-            pipe.generate_timed(
-                &req,
-                &mut |_| sana_model::pipeline::sampling::Flow::Continue,
-                Some(&mut times),
-            )?;
-            total += t0.elapsed().as_secs_f64() * 1e3 / args.repeat.max(1) as f64;
-        }
+        let (total, _, times) = time_generate(&pipe, &req, args)?;
         let name = self
             .transformer_config
             .file_stem()
@@ -561,6 +544,25 @@ impl PipelineBench {
         print_stages(&times, total, reference.as_ref());
         Ok(())
     }
+}
+
+/// `req` through the pipeline `warmup` times untimed, then `repeat` times: mean and fastest
+/// milliseconds, and the stages of the last run.
+fn time_generate(
+    pipe: &sana_model::pipeline::SanaPipeline,
+    req: &sana_model::pipeline::GenerateRequest,
+    args: &BenchArgs,
+) -> Result<(f64, f64, sana_model::pipeline::StageTimes)> {
+    let mut times = sana_model::pipeline::StageTimes::default();
+    let (mean, fastest) = time_ms(args.warmup, args.repeat, || {
+        pipe.generate_timed(
+            req,
+            &mut |_| sana_model::pipeline::sampling::Flow::Continue,
+            Some(&mut times),
+        )?;
+        Ok(())
+    })?;
+    Ok((mean, fastest, times))
 }
 
 /// Ours beside the reference's stage times (keys of `tools/bench_reference.py`'s JSON).
@@ -622,7 +624,7 @@ pub struct ModelBench {
 
 impl ModelBench {
     fn run(&self, args: &BenchArgs) -> Result<()> {
-        use sana_model::pipeline::{GenerateRequest, StageTimes};
+        use sana_model::pipeline::GenerateRequest;
 
         let (resolved, id) = crate::model::ModelSpec::new(&self.model).resolve()?;
         let crate::model::Resolved::Folder(root) = &resolved else {
@@ -657,27 +659,13 @@ impl ModelBench {
         req.items = vec![req.items[0].clone(); self.batch.max(1)];
         (req.width, req.height, req.steps) = (size, size, steps);
         req.complex_human_instruction = d.complex_human_instruction;
-        let mut times = StageTimes::default();
-        let flow = &mut |_: sana_model::pipeline::Progress<'_>| {
-            sana_model::pipeline::sampling::Flow::Continue
-        };
-        for _ in 0..args.warmup {
-            pipe.generate(&req, flow)?;
-        }
-        let mut all = Vec::new();
-        for _ in 0..args.repeat.max(1) {
-            let t0 = Instant::now();
-            pipe.generate_timed(&req, flow, Some(&mut times))?;
-            all.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        let total = all.iter().sum::<f64>() / all.len() as f64;
+        let (total, fastest, times) = time_generate(&pipe, &req, args)?;
         println!(
             "model {id} {size}x{size}, {steps} steps, guidance {}, batch {}, f32 cpu; {} runs, \
-             fastest {:.1} ms, {:.1} ms/image (last run's stages):",
+             fastest {fastest:.1} ms, {:.1} ms/image (last run's stages):",
             d.guidance_scale,
             self.batch,
-            all.len(),
-            all.iter().cloned().fold(f64::INFINITY, f64::min),
+            args.repeat.max(1),
             total / self.batch.max(1) as f64
         );
         print_stages(&times, total, reference.as_ref());

@@ -209,6 +209,24 @@ fn admitted(port: u16, key: Option<&str>) -> u64 {
         .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 
+/// Waits until `/metrics` counts `n` admitted requests, failing if `request` ends first.
+fn wait_for_admissions<T>(
+    port: u16,
+    key: Option<&str>,
+    n: u64,
+    request: &std::thread::JoinHandle<T>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admitted(port, key) < n {
+        assert!(
+            !request.is_finished(),
+            "the request ended before its admission was seen"
+        );
+        assert!(Instant::now() < deadline, "the request was never admitted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn generate(
     port: u16,
     body: serde_json::Value,
@@ -267,18 +285,7 @@ fn serve_answers_generations_and_drains_on_sigterm() {
         )
         .map(|r| r.status())
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while admitted(port, None) < 3 {
-        assert!(
-            !slow.is_finished(),
-            "the slow request ended before admission was seen"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the slow request was never admitted"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_admissions(port, None, 3, &slow);
     let pid = server.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -315,18 +322,7 @@ fn serve_refuses_without_a_key_and_under_overload() {
         let body = serde_json::json!({"prompt": "long", "size": "128x128", "n": 4, "num_inference_steps": 100});
         generate(port, body, Some("s3cret")).map(|r| r.status())
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while admitted(port, Some("s3cret")) < 2 {
-        assert!(
-            !first.is_finished(),
-            "the long request ended before admission was seen"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the long request was never admitted"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_admissions(port, Some("s3cret"), 2, &first);
     match generate(
         port,
         serde_json::json!({"prompt": "y", "size": "64x64"}),
