@@ -37,10 +37,14 @@ POSITION_WORDS = {
 }
 
 
-def sample_scene(rng: random.Random) -> dict:
+def sample_scene(rng: random.Random, p_pair: float = 0.5, pair_when_high: bool = False) -> dict:
+    """One scene with two objects when a uniform draw is below p_pair (the world's own mix, and the held-out
+    prompts', is 0.5), or with pair_when_high when it is at or above 1 - p_pair: the rule the embedded model's
+    autoencoder was trained with, kept so that train.py still reproduces it."""
     colors = list(COLORS)
     background = rng.choice(colors)
-    if rng.random() < 0.5:
+    draw = rng.random()
+    if not (draw >= 1 - p_pair if pair_when_high else draw < p_pair):
         positions = [rng.choice(list(POSITIONS))]
     else:
         positions = list(rng.choice(PAIRS))

@@ -38,7 +38,7 @@ fn request(pipe: &SanaPipeline, prompts: &[(String, u64)]) -> GenerateRequest {
 fn held_out_tally() -> Tally {
     let pipe = pipeline();
     let d = pipe.defaults();
-    assert_eq!((d.steps, d.guidance_scale), (20, 4.5));
+    assert_eq!((d.steps, d.guidance_scale), (6, 4.5));
     assert!(!d.complex_human_instruction);
     let heldout = heldout();
     assert_eq!(heldout.len(), 100);
@@ -70,29 +70,16 @@ fn held_out_tally() -> Tally {
     tally
 }
 
-/// What the committed model does today (see the README's figures): a regression guard for the
-/// Rust pipeline and the embedding, not the target below.
+/// The target of the embedded-model issue, at the model's defaults. Size is not part of the
+/// target; it is held where the model is (97-99%) so that a regression shows.
 #[test]
-fn held_out_accuracy_does_not_regress() {
-    let t = held_out_tally();
-    assert!(t.background_pct() >= 95.0, "{t}");
-    assert!(t.color_pct() >= 85.0, "{t}");
-    assert!(t.position_pct() >= 75.0, "{t}");
-    assert!(t.shape_pct() >= 65.0, "{t}");
-    assert!(t.size_pct() >= 85.0, "{t}");
-}
-
-/// The target of the embedded-model issue. Not met yet by the committed model: position (two
-/// objects whose colours come out swapped) and shape (squares rounded by the autoencoder) fall
-/// short; the training recipe needs more work (see the README).
-#[test]
-#[ignore = "not met yet by the committed model: position and shape below target"]
 fn held_out_accuracy_meets_the_target() {
     let t = held_out_tally();
     assert!(t.background_pct() >= 95.0, "{t}");
     assert!(t.color_pct() >= 90.0, "{t}");
     assert!(t.position_pct() >= 90.0, "{t}");
     assert!(t.shape_pct() >= 80.0, "{t}");
+    assert!(t.size_pct() >= 90.0, "{t}");
 }
 
 #[test]
