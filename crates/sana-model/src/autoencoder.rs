@@ -640,13 +640,13 @@ fn winograd_conv3x3(
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let plane = h * wd;
     // U[ξ][co][ci] = (G g Gᵀ)[ξ], G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+    // U as [Cout][16][Cin], written in place per output channel; the gemms see U[ξ] with a row
+    // stride of 16·Cin.
     let mut u = vec![0f32; 16 * cout * cin];
-    {
-        let per_xi = cout * cin;
-        let filters: Vec<[f32; 16]> = (0..cout * cin)
-            .into_par_iter()
-            .map(|i| {
-                let (co, ci) = (i / cin, i % cin);
+    u.par_chunks_mut(16 * cin)
+        .enumerate()
+        .for_each(|(co, dst)| {
+            for ci in 0..cin {
                 let g = &w[co * kk1 + ci * 9..co * kk1 + ci * 9 + 9];
                 // t = G g (4×3), then t Gᵀ (4×4).
                 let mut t = [[0f32; 3]; 4];
@@ -657,22 +657,15 @@ fn winograd_conv3x3(
                     t[2][c] = 0.5 * (g0 - g1 + g2);
                     t[3][c] = g2;
                 }
-                let mut r = [0f32; 16];
                 for (row, tr) in t.iter().enumerate() {
-                    r[row * 4] = tr[0];
-                    r[row * 4 + 1] = 0.5 * (tr[0] + tr[1] + tr[2]);
-                    r[row * 4 + 2] = 0.5 * (tr[0] - tr[1] + tr[2]);
-                    r[row * 4 + 3] = tr[2];
+                    let at = |col: usize| (row * 4 + col) * cin + ci;
+                    dst[at(0)] = tr[0];
+                    dst[at(1)] = 0.5 * (tr[0] + tr[1] + tr[2]);
+                    dst[at(2)] = 0.5 * (tr[0] - tr[1] + tr[2]);
+                    dst[at(3)] = tr[2];
                 }
-                r
-            })
-            .collect();
-        u.par_chunks_mut(per_xi).enumerate().for_each(|(xi, dst)| {
-            for (d, f) in dst.iter_mut().zip(&filters) {
-                *d = f[xi];
             }
         });
-    }
     let mut out = vec![0f32; b * cout * plane];
     let band_rows = (band_values / (16 * cin.max(cout) * tw).max(1)).clamp(1, th);
     // V as [Cin][16][tiles] and M as [Cout][16][tiles]: each channel's transform reads or writes
@@ -728,7 +721,7 @@ fn winograd_conv3x3(
                 });
             for xi in 0..16 {
                 // M[ξ] [Cout, nt] = U[ξ] [Cout, Cin] · V[ξ] [Cin, nt].
-                // SAFETY: U[ξ] is the dense cout·cin block at ξ·cout·cin; V[ξ] (ci, t) is at
+                // SAFETY: U[ξ] (co, ci) is at co·16·cin + ξ·cin + ci < u.len(); V[ξ] (ci, t) at
                 // ci·16·nt + ξ·nt + t < 16·cin·nt ≤ v.len(); M[ξ] (co, t) at co·16·nt + ξ·nt + t
                 // < 16·cout·nt ≤ m.len().
                 unsafe {
@@ -740,9 +733,9 @@ fn winograd_conv3x3(
                         1,
                         (16 * nt) as isize,
                         false,
-                        u.as_ptr().add(xi * cout * cin),
+                        u.as_ptr().add(xi * cin),
                         1,
-                        cin as isize,
+                        (16 * cin) as isize,
                         v.as_ptr().add(xi * nt),
                         1,
                         (16 * nt) as isize,
