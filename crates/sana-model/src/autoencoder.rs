@@ -600,9 +600,10 @@ impl Module for Conv2d {
     }
 }
 
-/// Values in one band of [`CpuConv`]'s im2col (16 M f32 = 64 MB; at least one output row). Fewer,
-/// larger bands are faster (the weights are packed once per band): 512² decode 15.0 s at 4 MB
-/// bands, 13.5 s at 16 MB, 12.8 s at 64 MB and the same at 256 MB.
+/// Values in one band of [`CpuConv`]'s im2col (16 M f32 = 64 MB; at least one output row), the path
+/// of every stride-1 conv but 3×3 with padding 1 (those go to [`winograd_conv3x3`]). Fewer, larger
+/// bands are faster (the weights are packed once per band): measured when 3×3 convs still took this
+/// path, the 512² decode took 15.0 s at 4 MB bands, 13.5 s at 16 MB, 12.8 s at 64 MB and 256 MB.
 const CONV_BAND_VALUES: usize = 16 << 20;
 
 /// Stride-1 k×k convolution with zero padding on CPU in f32: for bands of output rows, an im2col
