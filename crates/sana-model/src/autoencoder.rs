@@ -2077,15 +2077,12 @@ mod tests {
             let tw = w.div_ceil(2);
             for band in [usize::MAX / 64, 1] {
                 let got = winograd_conv3x3(&xs, &packed, (b, cin, h, w), cout, cin * 9 + 1, band);
-                assert_eq!(got.len(), want.len());
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (g, r)| m.max((g - r).abs()));
-                assert!(
-                    err <= 1e-5 * scale,
-                    "b {b} cin {cin} cout {cout} {h}x{w} band {band} (tile row {tw}): max error {err:e}, max|ref| {scale}"
+                sana_testing::assert_close_f32(
+                    &format!("b {b} cin {cin} cout {cout} {h}x{w} band {band} (tile row {tw})"),
+                    &got,
+                    &want,
+                    1e-5,
+                    "f32 tolerance 1e-5 × max|ref|",
                 );
             }
         }

@@ -6,7 +6,6 @@ use sana_backend::{
     Sampler,
 };
 
-use crate::image::{resize_and_crop, to_rgb8};
 use crate::pipeline::sampling::Flow;
 use crate::pipeline::{GenerateRequest, ItemRequest, PipelineKind, SanaPipeline};
 use crate::scheduler::SchedulerConfig;
@@ -119,12 +118,13 @@ impl SanaBackend {
         for (item_index, item) in batch.items.iter().enumerate() {
             if item.wants_preview(step, steps) {
                 let rows = predicted.i(row..row + item.n as usize)?;
-                let mut decoded = self.pipe.decode_latents(&rows)?;
                 let (h, w) = (batch.key.height as usize, batch.key.width as usize);
-                if decoded.dims()[2..] != [h, w] {
-                    decoded = resize_and_crop(&decoded, h, w)?;
-                }
-                for (j, rgb8) in to_rgb8(&decoded)?.into_iter().enumerate() {
+                for (j, rgb8) in self
+                    .pipe
+                    .decode_to_rgb8(&rows, h, w)?
+                    .into_iter()
+                    .enumerate()
+                {
                     out.push(Preview {
                         item: item_index,
                         image_index: j as u32,

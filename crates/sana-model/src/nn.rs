@@ -120,11 +120,7 @@ mod tests {
             .contiguous()?
             .matmul(&lin.weight.t()?.broadcast_left(2)?.contiguous()?)?;
         for got in [a, b] {
-            let d = (got - &want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let (d, _) = sana_testing::max_abs_diff(&got, &want);
             assert!(d < 1e-5, "diff {d}");
         }
         Ok(())

@@ -820,15 +820,11 @@ mod tests {
             .broadcast_add(&b.reshape((1, c, 1, 1))?)
     }
 
-    /// max |a − b| / max(1, max |b|): f32 error relative to the reference's magnitude.
+    /// max |a − b| / max(1, max |b|): f32 error relative to the reference's magnitude (the
+    /// workspace's comparison: any non-finite value fails).
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let b = b.to_dtype(DType::F32)?;
-        let diff = (a.to_dtype(DType::F32)? - &b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-        Ok(diff.to_scalar::<f32>()? / scale)
+        let (diff, scale) = sana_testing::max_abs_diff(a, b);
+        Ok(diff / scale.max(1.0))
     }
 
     const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[

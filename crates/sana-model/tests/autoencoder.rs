@@ -167,6 +167,107 @@ fn tiled_decode_matches_diffusers() {
     );
 }
 
+/// The tiling defaults are diffusers' (`AutoencoderDC.__init__`: 512-pixel tiles every 448), and the
+/// 4K setting NVlabs uses; `decode_with` tiles exactly when diffusers' `_decode` does (a latent
+/// larger than one tile in either direction, not one that fits it exactly); sizes and strides that
+/// diffusers would mis-handle are refused by name.
+#[test]
+fn tiling_defaults_are_diffusers() {
+    let t = Tiling::default();
+    assert_eq!(
+        (
+            t.tile_sample_min_height,
+            t.tile_sample_min_width,
+            t.tile_sample_stride_height,
+            t.tile_sample_stride_width
+        ),
+        (512, 512, 448, 448),
+        "diffusers AutoencoderDC defaults"
+    );
+    let k = Tiling::for_4k();
+    assert_eq!(
+        (
+            k.tile_sample_min_height,
+            k.tile_sample_min_width,
+            k.tile_sample_stride_height,
+            k.tile_sample_stride_width
+        ),
+        (1024, 1024, 896, 896)
+    );
+    let (model, io) = model("sana_small", DType::F32);
+    // Within one default tile (2×3 latent, 64×96 pixels): no tiling, bit-identical.
+    let z = &io["latent"];
+    let plain = model.decode(z).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&model.decode_with(z, Some(&t)).unwrap(), &plain).0,
+        0.0,
+        "a latent within one tile is decoded whole"
+    );
+    // The fixture's 96-pixel tiles (3 latent pixels): a 3×3 latent fits one tile exactly and is
+    // not tiled; the 4×4 one is, and equals the explicit tiled decode.
+    let tiling = fixture_tiling(&io);
+    let big = &io["tiled_latent"];
+    let fits = big.narrow(2, 0, 3).unwrap().narrow(3, 0, 3).unwrap();
+    assert_eq!(
+        common::max_abs_diff(
+            &model.decode_with(&fits, Some(&tiling)).unwrap(),
+            &model.decode(&fits).unwrap()
+        )
+        .0,
+        0.0,
+        "a latent exactly one tile large is decoded whole (diffusers tiles only beyond it)"
+    );
+    for (h, w) in [(4, 3), (3, 4), (4, 4)] {
+        let z = big.narrow(2, 0, h).unwrap().narrow(3, 0, w).unwrap();
+        let via = model.decode_with(&z, Some(&tiling)).unwrap();
+        assert_eq!(
+            common::max_abs_diff(&via, &model.tiled_decode(&z, &tiling).unwrap()).0,
+            0.0,
+            "{h}×{w}: decode_with tiles beyond one tile"
+        );
+        assert!(
+            common::max_abs_diff(&via, &model.decode(&z).unwrap()).0 > 1e-3,
+            "{h}×{w}: the tiled decode must differ from the whole one (the blend is real)"
+        );
+    }
+    for (bad, field) in [
+        (
+            Tiling {
+                tile_sample_stride_width: 600,
+                ..t
+            },
+            "tile_sample_min_width",
+        ),
+        (
+            Tiling {
+                tile_sample_stride_height: 0,
+                ..t
+            },
+            "tile_sample_min_height",
+        ),
+        (
+            Tiling {
+                tile_sample_min_height: 500,
+                ..t
+            },
+            "tile_sample_min_height",
+        ),
+        (
+            Tiling {
+                tile_sample_stride_width: 440,
+                ..t
+            },
+            "tile_sample_min_width",
+        ),
+    ] {
+        let err = model.tiled_decode(big, &bad).unwrap_err();
+        assert!(
+            matches!(err, Error::Unsupported { field: f, .. } if f == field),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn tiled_decode_bf16() {
     let (model, io) = model("sana_small", DType::BF16);
@@ -339,4 +440,75 @@ fn wrong_input_shapes_are_errors() {
     assert!(model.decode(&z.narrow(1, 0, 3).unwrap()).is_err());
     let img = &io["image"];
     assert!(model.encode(&img.narrow(2, 0, 40).unwrap()).is_err());
+}
+
+/// The fixtures' down-scaled branches still matter (the generator asserts the same on diffusers,
+/// `assert_scaled_branches_matter` in `tools/fixtures/autoencoder.py`): the attention output norms
+/// (×0.1, and ×0.2 more in the conditioned decoders) and the conditioned decoders' residual branch
+/// norms (×0.2). Removing any one of them (its norm zeroed, so the block passes its input through)
+/// must move the reference output by at least 20× the f32 tolerance of `parity_f32`, so a bug in
+/// such a branch cannot sit under that tolerance. Checked here with our model, whose f32 decode
+/// and encode equal diffusers' within that tolerance.
+#[test]
+fn conditioned_branches_stay_visible_to_parity() {
+    const F32_TOLERANCE: f32 = 1e-4;
+    const MARGIN: f32 = 20.0;
+    let dev = Device::Cpu;
+    for case in CASES {
+        let dir = case_dir(case);
+        let cfg: AutoencoderDCConfig = read_config(&dir.join("config.json")).unwrap();
+        let weights =
+            candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)
+                .unwrap();
+        let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
+        let mut modules: Vec<String> = weights
+            .keys()
+            .filter_map(|k| k.rsplit_once('.').map(|(m, _)| m.to_string()))
+            .filter(|m| {
+                m.ends_with("attn.norm_out")
+                    || (m.starts_with("decoder.up_blocks.") && m.ends_with(".norm"))
+            })
+            .collect();
+        modules.sort();
+        modules.dedup();
+        let attention = modules.iter().filter(|m| m.ends_with("norm_out")).count();
+        assert!(
+            attention >= 3 && modules.len() > attention,
+            "{case}: expected scaled attention and residual norms, found {modules:?}"
+        );
+        let mut weakest = (f32::INFINITY, String::new());
+        for module in &modules {
+            let mut w = weights.clone();
+            for (k, v) in w.iter_mut() {
+                if k == &format!("{module}.weight") || k == &format!("{module}.bias") {
+                    *v = v.zeros_like().unwrap();
+                }
+            }
+            let model =
+                AutoencoderDC::new(&cfg, VarBuilder::from_tensors(w, DType::F32, &dev)).unwrap();
+            let (got, reference) = if module.starts_with("decoder.") {
+                (model.decode(&io["latent"]).unwrap(), &io["decoded"])
+            } else {
+                (model.encode(&io["image"]).unwrap(), &io["encoded"])
+            };
+            let (moved, scale) = common::max_abs_diff(&got, reference);
+            let rel = moved / scale;
+            assert!(
+                rel >= MARGIN * F32_TOLERANCE,
+                "{case}: without {module} the output moves by only {rel:.2e} × max|ref|, under \
+                 {MARGIN} × the f32 tolerance {F32_TOLERANCE:e}: a bug there could hide"
+            );
+            if rel < weakest.0 {
+                weakest = (rel, module.clone());
+            }
+        }
+        eprintln!(
+            "{case}: {} scaled branches; the least visible ({}) moves the output by {:.2e} × max|ref| \
+             = {:.0}× the f32 tolerance",
+            modules.len(),
+            weakest.1,
+            weakest.0,
+            weakest.0 / F32_TOLERANCE
+        );
+    }
 }

@@ -7,12 +7,19 @@
 //! plain heap `Vec`s, so this is all of it). It has its own binary so that no other test's
 //! allocations are counted, and the tests in it take a lock so that they do not overlap.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig, Tiling};
+use sana_model::image::to_rgb8;
+use sana_model::pipeline::{LoadOptions, PipelineKind, SanaPipeline};
+use sana_model::scheduler::SchedulerConfig;
+use sana_model::text_encoder::SanaTextEncoder;
+use sana_model::transformer::SanaTransformer2DModel;
 use sana_model::weights::random_var_builder;
 
 struct Counting;
@@ -142,4 +149,106 @@ fn decode_peak_estimate_bounds_the_measured_peak() {
         assert!(model.decode_exceeds(1, h, w, measured / 2));
         assert!(!model.decode_exceeds(1, h, w, 3 * measured));
     }
+}
+
+/// The released f32c32 DC-AE's block structure (ResBlock ×3 stages then EfficientViT ×3, 3 layers
+/// per decoder stage, multiscale 5 attention, interpolate up blocks, RMSNorm, SiLU) at a fraction
+/// of its widths, with the 8 latent channels of the pipeline fixture's transformer.
+fn reduced_real_vae() -> AutoencoderDC {
+    let dir = common::fixtures().join("real-configs/vae");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("dc-ae-f32c32-sana-1.0.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["latent_channels"] = 8.into();
+    cfg["attention_head_dim"] = 8.into();
+    cfg["encoder_block_out_channels"] = serde_json::json!([4, 8, 8, 8, 16, 16]);
+    cfg["decoder_block_out_channels"] = serde_json::json!([8, 8, 16, 16, 32, 32]);
+    let cfg: AutoencoderDCConfig = serde_json::from_value(cfg).unwrap();
+    assert_eq!(
+        cfg.decoder_layers_per_block,
+        vec![3; 6],
+        "the real structure"
+    );
+    AutoencoderDC::new(&cfg, random_var_builder(0.1, DType::F32, &Device::Cpu)).unwrap()
+}
+
+/// A pipeline as generations run it (the fixture's tiny Gemma and DiT, which the decode does not
+/// touch) with the reduced DC-AE and a decode budget of zero bytes: every decode larger than one
+/// tile is tiled.
+fn decode_pipeline() -> SanaPipeline {
+    let root = common::fixtures();
+    let dev = Device::Cpu;
+    let text = SanaTextEncoder::load(
+        &root.join("text_encoder/pipeline/text_encoder"),
+        &root.join("text_encoder/pipeline/tokenizer"),
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let transformer = SanaTransformer2DModel::load(
+        &root.join("pipeline/sana/transformer"),
+        None,
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let scheduler =
+        SchedulerConfig::from_file(root.join("pipeline/sana/scheduler/scheduler_config.json"))
+            .unwrap();
+    let mut opts = LoadOptions::new(dev);
+    opts.decode_budget_bytes = 0;
+    SanaPipeline::from_parts(
+        PipelineKind::Sana,
+        text,
+        transformer,
+        reduced_real_vae(),
+        scheduler,
+        &opts,
+    )
+}
+
+/// The decode a generation runs (`SanaPipeline::decode_to_rgb8`: latents → RGB8 at the requested
+/// size), tiling on: decoding a latent of 4× the area needs at most 1.5× the memory at its peak,
+/// output bytes included; and the streamed bytes equal converting the whole decoded image.
+#[test]
+fn pipeline_decode_peak_memory_is_flat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pipe = decode_pipeline();
+    let f = pipe.vae_scale_factor();
+    let mut peaks = Vec::new();
+    for side in [1024usize, 2048] {
+        let latents = Tensor::randn(0f32, 1., (1, 8, side / f, side / f), &Device::Cpu).unwrap();
+        let mut images = Vec::new();
+        let peak = peak_extra(|| images = pipe.decode_to_rgb8(&latents, side, side).unwrap());
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].len(), side * side * 3);
+        let untiled = pipe.vae().decode_peak_bytes(1, side / f, side / f);
+        eprintln!(
+            "pipeline decode {side}²: peak {:.1} MB (an un-tiled decode: about {:.1} MB)",
+            peak as f64 / 1e6,
+            untiled as f64 / 1e6
+        );
+        assert!(
+            peak < untiled / 2,
+            "{side}²: peak {peak} bytes is not what a tiled decode needs (un-tiled ≈ {untiled})"
+        );
+        if side == 1024 {
+            let whole = to_rgb8(&pipe.decode_latents(&latents).unwrap()).unwrap();
+            let c = sana_testing::assert_pixels_close(
+                "streamed tiles vs whole",
+                &images[0],
+                &whole[0],
+                0,
+            );
+            assert_eq!(c.differing, 0);
+        }
+        peaks.push(peak);
+    }
+    let ratio = peaks[1] as f64 / peaks[0] as f64;
+    eprintln!("pipeline decode peak, 2048² over 1024² (4× the area): {ratio:.2}");
+    assert!(
+        ratio <= 1.5,
+        "decoding 4× the area peaked at {ratio:.2}× the memory (limit 1.5×): {peaks:?} bytes"
+    );
 }

@@ -209,16 +209,8 @@ fn fused_chunks_are_the_right_rows() {
             vb.get((32, 32), name).unwrap()
         };
         let want = all[fused].narrow(0, rows.start, rows.len()).unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
         assert_eq!(
-            diff.to_scalar::<f32>().unwrap(),
+            sana_testing::max_abs_diff(&got, &want).0,
             0.0,
             "{name} is not rows {rows:?} of {fused}"
         );

@@ -119,13 +119,10 @@ fn assert_pixels(label: &str, ours: &[Vec<u8>], reference: &Tensor, tol: u8) {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(img.len(), want.len(), "{label}: image {i} size");
-        let mut img_worst = 0;
-        for (a, b) in img.iter().zip(&want) {
-            let d = a.abs_diff(*b);
-            img_worst = img_worst.max(d);
-            off += usize::from(d > 0);
-        }
+        let c = sana_testing::compare_u8(img, &want)
+            .unwrap_or_else(|e| panic!("{label}: image {i}: {e}"));
+        let img_worst = c.max_abs_diff as u8;
+        off += c.differing;
         eprintln!("{label}: image {i}: max pixel difference {img_worst}/255");
         worst = worst.max(img_worst);
     }

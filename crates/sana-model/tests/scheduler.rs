@@ -324,9 +324,8 @@ fn sampling_loops_match_diffusers() {
             .unwrap()
             .expect("x0 after a step");
         if case.x0_is_sample {
-            let same = (&x0 - &x).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(
-                same.to_scalar::<f32>().unwrap(),
+                common::max_abs_diff(&x0, &x).0,
                 0.0,
                 "{name}: last x0 is the sample"
             );
@@ -366,14 +365,7 @@ fn latent(seed: u64) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    common::max_abs_diff(a, b).0
 }
 
 #[test]
@@ -426,17 +418,8 @@ fn dpm_solver_first_and_last_steps_are_first_order_updates() {
         + x0.affine(-(1.0 - s1) * ((-h).exp() - 1.0), 0.0).unwrap())
     .unwrap();
     let x1 = s.step(&v, &x, None).unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        max_diff(&x1, &want) <= 1e-6 * scale,
-        "first step is not first order"
-    );
+    let (diff, scale) = common::max_abs_diff(&x1, &want);
+    assert!(diff <= 1e-6 * scale, "first step is not first order");
     assert!(
         max_diff(&s.pred_original_sample().unwrap().unwrap(), &x0) == 0.0,
         "x0 preview of step 0"

@@ -107,21 +107,9 @@ fn matches_diffusers_on_the_same_latents() {
     let expected: Tensor = tensors["images"].clone();
     let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let ours: Vec<u8> = images.iter().flat_map(|i| i.rgb8.clone()).collect();
-    assert_eq!(ours.len(), expected.len());
-    let worst = ours
-        .iter()
-        .zip(&expected)
-        .map(|(&a, &b)| a.abs_diff(b))
-        .max()
-        .unwrap();
-    let off = ours
-        .iter()
-        .zip(&expected)
-        .filter(|(a, b)| a.abs_diff(**b) > 0)
-        .count();
+    let c = sana_testing::assert_pixels_close("embedded vs diffusers", &ours, &expected, 2);
     println!(
-        "max |ours − diffusers| = {worst}/255; {off} of {} values differ",
-        ours.len()
+        "max |ours − diffusers| = {}/255; {} of {} values differ",
+        c.max_abs_diff, c.differing, c.len
     );
-    assert!(worst <= 2, "max difference {worst}/255 > 2/255");
 }

@@ -226,8 +226,11 @@ pub struct GeneratedImage {
 /// Where a generation's time went (see [`SanaPipeline::generate_timed`]).
 #[derive(Debug, Clone, Default)]
 pub struct StageTimes {
-    /// Prompt encoding (Gemma) and the caption context (projection, per-block keys/values).
+    /// Prompt encoding (Gemma), positive and negative.
     pub encode: std::time::Duration,
+    /// The caption context, once per generation: caption projection and norm, and every block's
+    /// cross-attention keys and values (diffusers recomputes these inside every step).
+    pub caption: std::time::Duration,
     /// Each denoising step (transformer forward, guidance, sampler update).
     pub steps: Vec<std::time::Duration>,
     /// Decoding, resize back to the requested size, RGB8.
@@ -440,6 +443,10 @@ impl SanaPipeline {
         &self.text_encoder
     }
 
+    pub fn vae(&self) -> &AutoencoderDC {
+        &self.vae
+    }
+
     pub fn scheduler(&self) -> &SchedulerConfig {
         &self.scheduler
     }
@@ -461,14 +468,10 @@ impl SanaPipeline {
         }
     }
 
-    /// Latents → images in [−1, 1] `[B, 3, H, W]` (f32), tiled when an un-tiled decode would
-    /// exceed the memory budget.
-    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = latents.dims4()?;
-        let z = (latents.to_dtype(DType::F32)? / self.vae.config().scaling_factor)?
-            .to_dtype(self.vae.dtype())?;
-        let tiling = self
-            .vae
+    /// The tiling a decode of `[b, ·, h, w]` latents uses: none while an un-tiled decode fits the
+    /// memory budget, else diffusers' tiles (NVlabs' larger ones at 4K).
+    fn decode_tiling(&self, b: usize, h: usize, w: usize) -> Option<Tiling> {
+        self.vae
             .decode_exceeds(b, h, w, self.decode_budget_bytes)
             .then(|| {
                 let f = self.vae_scale_factor();
@@ -477,11 +480,73 @@ impl SanaPipeline {
                 } else {
                     Tiling::default()
                 }
-            });
+            })
+    }
+
+    /// Latents as the DC-AE takes them: unscaled, in its dtype.
+    fn vae_input(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(
+            (latents.to_dtype(DType::F32)? / self.vae.config().scaling_factor)?
+                .to_dtype(self.vae.dtype())?,
+        )
+    }
+
+    /// Latents → images in [−1, 1] `[B, 3, H, W]` (f32), tiled when an un-tiled decode would
+    /// exceed the memory budget.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = latents.dims4()?;
+        let tiling = self.decode_tiling(b, h, w);
         Ok(self
             .vae
-            .decode_with(&z, tiling.as_ref())?
+            .decode_with(&self.vae_input(latents)?, tiling.as_ref())?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Latents → one interleaved RGB8 buffer per image at `height × width`: the decode every
+    /// generation ends with. When the decode is tiled and needs no resize, each finished tile is
+    /// converted and written straight into the byte buffers, so no full-size float image is ever
+    /// held (a 4096² image is 48 MB of bytes instead of 200 MB of f32 and its copies); the bytes
+    /// are the same as converting the whole decoded image. A resize from a binned size needs the
+    /// whole image in floats (diffusers' bilinear resize), so that case decodes whole.
+    pub fn decode_to_rgb8(
+        &self,
+        latents: &Tensor,
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (b, _, h, w) = latents.dims4()?;
+        let f = self.vae_scale_factor();
+        let tiling = self.decode_tiling(b, h, w);
+        let tiled = tiling.filter(|t| {
+            (h * f, w * f) == (height, width)
+                && (h * f > t.tile_sample_min_height || w * f > t.tile_sample_min_width)
+        });
+        let Some(t) = tiled else {
+            let mut decoded = self.decode_latents(latents)?;
+            if decoded.dims()[2..] != [height, width] {
+                decoded = resize_and_crop(&decoded, height, width)?;
+            }
+            return to_rgb8(&decoded);
+        };
+        let mut out = vec![vec![0u8; height * width * 3]; b];
+        let row_bytes = width * 3;
+        self.vae
+            .tiled_decode_each(&self.vae_input(latents)?, &t, |i, j, tile| {
+                let tw = tile.dim(3)?;
+                let (top, left) = (
+                    i * t.tile_sample_stride_height,
+                    j * t.tile_sample_stride_width,
+                );
+                for (image, rgb) in out.iter_mut().zip(to_rgb8(&tile)?) {
+                    // [th, tw, 3] bytes into rows top.., columns left.. of the image.
+                    for (r, src) in rgb.chunks_exact(tw * 3).enumerate() {
+                        let start = (top + r) * row_bytes + left * 3;
+                        image[start..start + tw * 3].copy_from_slice(src);
+                    }
+                }
+                Ok(())
+            })?;
+        Ok(out)
     }
 
     /// Runs a request; `on_step` sees every step and may stop the generation (then `Ok(None)`).
@@ -587,12 +652,17 @@ impl SanaPipeline {
         } else {
             positive
         };
+        if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
+            let now = clock(&self.device)?;
+            t.encode = now - *m;
+            *m = now;
+        }
         let caption = self
             .transformer
             .prepare_caption(&text.embeds, Some(&text.mask))?;
         if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
             let now = clock(&self.device)?;
-            t.encode = now - *m;
+            t.caption = now - *m;
             *m = now;
         }
         // 4. Initial latents: given, or each image's own seeded noise.
@@ -657,11 +727,7 @@ impl SanaPipeline {
             return Ok(None);
         };
         // 6. Decode, resize back to the requested size, RGB8.
-        let mut decoded = self.decode_latents(&latents)?;
-        if (height, width) != (req.height, req.width) {
-            decoded = resize_and_crop(&decoded, req.height, req.width)?;
-        }
-        let pixels = to_rgb8(&decoded)?;
+        let pixels = self.decode_to_rgb8(&latents, req.height, req.width)?;
         if let (Some(t), Some(m)) = (times, mark) {
             t.steps = step_times;
             t.decode = clock(&self.device)? - m;

@@ -1,10 +1,11 @@
-//! Helpers shared by the parity tests: fixture paths, safetensors I/O, tolerance checks.
+//! Helpers shared by the parity tests: fixture paths, safetensors I/O, and the tolerance checks of
+//! `sana-testing`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// `tests/fixtures/` at the workspace root.
 pub fn fixtures() -> PathBuf {
@@ -40,51 +41,6 @@ pub fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
-/// max |a − b| and max |reference|, both in f32.
-pub fn max_abs_diff(got: &Tensor, reference: &Tensor) -> (f32, f32) {
-    assert_eq!(
-        got.dims(),
-        reference.dims(),
-        "shape differs from the reference"
-    );
-    let got = got.to_dtype(DType::F32).unwrap();
-    let reference = reference.to_dtype(DType::F32).unwrap();
-    let diff = (&got - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(diff.is_finite(), "non-finite output");
-    (diff, scale)
-}
-
-/// Asserts max |got − reference| ≤ `rel` × max |reference|, naming the case and the tolerance.
-pub fn assert_close(case: &str, got: &Tensor, reference: &Tensor, rel: f32, what: &str) {
-    let (diff, scale) = max_abs_diff(got, reference);
-    assert!(
-        scale > 0.0,
-        "{case}: reference is all zeros; the fixture is useless"
-    );
-    assert!(
-        diff <= rel * scale,
-        "{case}: max abs error {diff:.3e} > {rel:e} × max|ref| ({scale:.3e}) [{what}]"
-    );
-    eprintln!(
-        "{case}: max abs error {diff:.3e}, max|ref| {scale:.3e}, ratio {:.2e} [{what}]",
-        diff / scale
-    );
-}
+/// The workspace's one comparison (fails on a NaN or ±inf anywhere in either tensor).
+#[allow(unused_imports)]
+pub use sana_testing::{assert_close, max_abs_diff};
