@@ -107,17 +107,22 @@ def text_encoder_setup(args: argparse.Namespace):
     )
 
 
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def pipeline_args(parser: argparse.ArgumentParser):
     parser.add_argument("--transformer-config", required=True)
     parser.add_argument("--vae-config", required=True)
     parser.add_argument("--text-encoder-config", required=True)
     parser.add_argument("--tokenizer", required=True, help="a tokenizer folder")
     parser.add_argument("--scheduler-config", required=True)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int_list, default=[512], help="image sizes (square), comma-separated")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="steps of each warm-up run (default: --steps)")
     parser.add_argument("--guidance-scale", type=float, default=4.5)
     parser.add_argument("--prompt", default="a cyberpunk cat with a neon sign that says sana on a rainy night street")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int_list, default=[1], help="images per run, comma-separated")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
                         help="the transformer's; Gemma and the DC-AE stay bf16 under f16")
@@ -155,7 +160,8 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def pipeline_setup(args: argparse.Namespace):
-    """SanaPipeline end to end (default instruction, CFG, binning), with the time of each stage of the last run."""
+    """SanaPipeline end to end (default instruction, CFG; each size as asked, no resolution binning), with the time
+    of each stage of the last run."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
 
@@ -181,13 +187,34 @@ def pipeline_setup(args: argparse.Namespace):
     )
     pipe.set_progress_bar_config(disable=True)
     report = instrument(pipe, device)
+    row = {}
 
-    def run():
+    def run(steps=None):
         report.clear()
-        pipe([args.prompt] * args.batch, height=args.size, width=args.size, num_inference_steps=args.steps,
-             guidance_scale=args.guidance_scale, output_type="pil")
+        pipe([args.prompt] * row["batch"], height=row["size"], width=row["size"],
+             num_inference_steps=steps or args.steps, guidance_scale=args.guidance_scale,
+             use_resolution_binning=False, output_type="pil")
+
+    def rows():
+        """Each size with each batch, smallest work first; `run` then generates that row."""
+        for size, batch in sorted(((s, b) for s in args.size for b in args.batch), key=lambda r: (r[0] ** 2 * r[1], r[0])):
+            row.update(size=size, batch=batch)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            yield dict(row)
+
+    def memory():
+        if not device.startswith("cuda"):
+            return {}
+        mib = 1 << 20
+        return dict(max_memory_allocated_mb=round(torch.cuda.max_memory_allocated() / mib, 1),
+                    max_memory_reserved_mb=round(torch.cuda.max_memory_reserved() / mib, 1))
 
     run.report = report
+    run.rows = rows
+    run.memory = memory
+    run.warmup_steps = args.warmup_steps
     return run
 
 
@@ -246,28 +273,38 @@ def main(argv):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = PARTS[args.part][1](args)
-    times_ms = []
-    with torch.inference_mode():
-        for i in range(args.warmup + args.repeat):
-            start = time.perf_counter()
-            run()
-            if i >= args.warmup:
+    # Parts with rows (pipeline: sizes × batches) print one JSON line per row; the others one line.
+    for row in run.rows() if hasattr(run, "rows") else [{}]:
+        with torch.inference_mode():
+            for _ in range(args.warmup):
+                run(getattr(run, "warmup_steps", None)) if row else run()
+            times_ms = []
+            t_start = time.time()
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                run()
                 times_ms.append((time.perf_counter() - start) * 1e3)
-    print(
-        json.dumps(
-            {
-                "impl": PARTS[args.part][2],
-                "part": args.part,
-                "ms_mean": round(statistics.mean(times_ms), 3),
-                "ms_min": round(min(times_ms), 3),
-                "repeat": args.repeat,
-                "torch": torch.__version__,
-                "threads": args.threads,
-                # parts that time their stages report them (from the last run)
-                **(run.report() if hasattr(run, "report") else {}),
-            }
+            t_end = time.time()
+        print(
+            json.dumps(
+                {
+                    "impl": PARTS[args.part][2],
+                    "part": args.part,
+                    **row,
+                    "ms_mean": round(statistics.mean(times_ms), 3),
+                    "ms_min": round(min(times_ms), 3),
+                    "repeat": args.repeat,
+                    "torch": torch.__version__,
+                    "threads": args.threads,
+                    "t_start": t_start,
+                    "t_end": t_end,
+                    # parts that time their stages report them (from the last run)
+                    **(run.report() if hasattr(run, "report") else {}),
+                    **(run.memory() if hasattr(run, "memory") else {}),
+                }
+            ),
+            flush=True,
         )
-    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 //! guidance embedding (`guidance_embeds`, Sprint). Tokens are row-major: token `n` is `(n / W, n % W)`.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -290,18 +291,19 @@ impl Module for RmsNorm {
     }
 }
 
-/// Sinusoidal timestep features (`Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`):
-/// `[cos(t·f) ++ sin(t·f)]`, `f_k = exp(−ln(10000)·k/128)`, computed in f32.
-fn timestep_features(t: &Tensor) -> candle_core::Result<Tensor> {
+/// The frequencies of the sinusoidal timestep features (`Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`): `f_k = exp(−ln(10000)·k/128)` in f32, `[1, 128]`, made once at load.
+fn timestep_freqs(device: &Device) -> candle_core::Result<Tensor> {
     const HALF: usize = 128;
     let freqs: Vec<f32> = (0..HALF)
         .map(|k| (-(10000f32.ln()) * k as f32 / HALF as f32).exp())
         .collect();
-    let freqs = Tensor::from_vec(freqs, (1, HALF), t.device())?;
-    let args = t
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?; // [B, 128]
+    Tensor::from_vec(freqs, (1, HALF), device)
+}
+
+/// Sinusoidal timestep features `[cos(t·f) ++ sin(t·f)]` in f32, `[B, 256]`.
+fn timestep_features(t: &Tensor, freqs: &Tensor) -> candle_core::Result<Tensor> {
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(freqs)?; // [B, 128]
     Tensor::cat(&[args.cos()?, args.sin()?], 1) // [B, 256]
 }
 
@@ -310,6 +312,8 @@ fn timestep_features(t: &Tensor) -> candle_core::Result<Tensor> {
 struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
+    /// [`timestep_freqs`] on the model's device.
+    freqs: Tensor,
 }
 
 impl TimestepEmbedding {
@@ -317,12 +321,13 @@ impl TimestepEmbedding {
         Ok(Self {
             linear_1: linear(256, dim, vb.pp("linear_1"))?,
             linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+            freqs: timestep_freqs(vb.device())?,
         })
     }
 
     /// `t`: `[B]` float values → `[B, D]` in `dtype`.
     fn forward(&self, t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-        let feat = timestep_features(t)?.to_dtype(dtype)?;
+        let feat = timestep_features(t, &self.freqs)?.to_dtype(dtype)?;
         self.linear_2
             .forward(&self.linear_1.forward(&feat)?.silu()?)
     }
@@ -438,6 +443,8 @@ struct LinearAttention {
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
     heads: usize,
+    /// f16 models: ±65504 as `[1]` f16 tensors on the device, for diffusers' overflow clamp.
+    f16_bounds: Option<(Tensor, Tensor)>,
 }
 
 impl LinearAttention {
@@ -464,6 +471,12 @@ impl LinearAttention {
             norm_q,
             norm_k,
             heads: cfg.num_attention_heads,
+            f16_bounds: (vb.dtype() == DType::F16)
+                .then(|| -> candle_core::Result<(Tensor, Tensor)> {
+                    let bound = |v: f32| Tensor::new(&[v], vb.device())?.to_dtype(DType::F16);
+                    Ok((bound(-65504.0)?, bound(65504.0)?))
+                })
+                .transpose()?,
         })
     }
 
@@ -482,10 +495,11 @@ impl LinearAttention {
         // ReLU kernel, sums in f32 over all N tokens, heads merged back to [B, N, D].
         let out = linear_attention(&q, &k, &v, self.heads)?;
         let out = self.to_out.forward(&out)?;
-        if dtype == DType::F16 {
-            out.clamp(-65504f32, 65504f32)
-        } else {
-            Ok(out)
+        match &self.f16_bounds {
+            Some((lo, hi)) if dtype == DType::F16 => {
+                out.broadcast_maximum(lo)?.broadcast_minimum(hi)
+            }
+            _ => Ok(out),
         }
     }
 }
@@ -694,6 +708,24 @@ struct ItemCaption {
     bias: Option<Tensor>,
 }
 
+/// Which caption tokens an item attends to.
+#[derive(Debug, Clone)]
+enum Kept {
+    /// The first n (right padding); 0 = none unmasked.
+    Prefix(usize),
+    /// These positions.
+    Tokens(Vec<u32>),
+}
+
+impl Kept {
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Prefix(n) => *n == 0,
+            Self::Tokens(t) => t.is_empty(),
+        }
+    }
+}
+
 /// The text-dependent part of a forward (see [`SanaTransformer2DModel::prepare_caption`]).
 #[derive(Debug, Clone)]
 pub struct CaptionContext {
@@ -739,7 +771,17 @@ pub struct SanaTransformer2DModel {
     scale_shift_table: Tensor, // [2, D]
     proj_out: Linear,
     dtype: DType,
+    /// Position embeddings (2K/4K models) on the device by token grid `(h, w)`, computed on the
+    /// host once per grid size rather than in every forward (up to 147 MB at 4K); the last few
+    /// sizes are kept. Clones share it.
+    pos_embed: Arc<Mutex<Vec<PosEmbedEntry>>>,
 }
+
+/// A cached position embedding: the token grid `(h, w)` and its `[1, h·w, D]` f32 tensor.
+type PosEmbedEntry = ((usize, usize), Tensor);
+
+/// Grid sizes whose position embedding [`SanaTransformer2DModel`] keeps on the device.
+const POS_EMBED_CACHE: usize = 2;
 
 impl SanaTransformer2DModel {
     /// Builds the model from a `VarBuilder` whose keys are the diffusers names.
@@ -769,6 +811,7 @@ impl SanaTransformer2DModel {
             proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
             dtype: vb.dtype(),
             cfg: cfg.clone(),
+            pos_embed: Arc::default(),
         })
     }
 
@@ -817,14 +860,16 @@ impl SanaTransformer2DModel {
     /// one), makes a short prompt pay for its own length rather than the padded one, and makes an
     /// item's result independent of its batchmates. An item with no unmasked token keeps every
     /// position under the mask bias, as diffusers computes it.
+    ///
+    /// Reading the mask is a device → host copy; callers that know their prompts' lengths (the
+    /// pipelines) use [`Self::prepare_caption_lengths`], which reads nothing back.
     pub fn prepare_caption(
         &self,
         encoder_hidden_states: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<CaptionContext> {
-        let _span = tracing::trace_span!("sana_caption").entered();
         let (b, l, _) = encoder_hidden_states.dims3()?;
-        let rows: Vec<Vec<f32>> = match mask {
+        let kept: Vec<Kept> = match mask {
             Some(m) if m.dims() != [b, l] => {
                 return Err(Error::Candle(candle_core::Error::Msg(format!(
                     "encoder_attention_mask {:?} does not fit encoder_hidden_states {:?}",
@@ -832,29 +877,76 @@ impl SanaTransformer2DModel {
                     encoder_hidden_states.dims()
                 ))))
             }
-            Some(m) => m.to_dtype(DType::F32)?.to_vec2()?,
-            None => vec![vec![1.0; l]; b],
+            Some(m) => m
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(|row| {
+                    let keep: Vec<u32> = (0..l as u32).filter(|&j| row[j as usize] > 0.0).collect();
+                    if keep.iter().enumerate().all(|(i, &j)| i as u32 == j) {
+                        Kept::Prefix(keep.len())
+                    } else {
+                        Kept::Tokens(keep)
+                    }
+                })
+                .collect(),
+            None => vec![Kept::Prefix(l); b],
         };
+        self.caption_context(encoder_hidden_states, &kept)
+    }
+
+    /// [`Self::prepare_caption`] for right-padded text: item `i` keeps its first `lengths[i]`
+    /// tokens (a length of 0 keeps every position under the mask bias, as diffusers does for an
+    /// all-padding row). Nothing is read back from the device.
+    pub fn prepare_caption_lengths(
+        &self,
+        encoder_hidden_states: &Tensor,
+        lengths: &[usize],
+    ) -> Result<CaptionContext> {
+        let (b, l, _) = encoder_hidden_states.dims3()?;
+        if lengths.len() != b || lengths.iter().any(|&n| n > l) {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "caption lengths {lengths:?} do not fit encoder_hidden_states {:?}",
+                encoder_hidden_states.dims()
+            ))));
+        }
+        let kept: Vec<Kept> = lengths.iter().map(|&n| Kept::Prefix(n)).collect();
+        self.caption_context(encoder_hidden_states, &kept)
+    }
+
+    fn caption_context(
+        &self,
+        encoder_hidden_states: &Tensor,
+        kept: &[Kept],
+    ) -> Result<CaptionContext> {
+        let _span = tracing::trace_span!("sana_caption").entered();
+        let (b, l, _) = encoder_hidden_states.dims3()?;
         let device = encoder_hidden_states.device();
         let mut blocks: Vec<Vec<ItemCaption>> = vec![Vec::with_capacity(b); self.blocks.len()];
         let mut tokens = Vec::with_capacity(b);
-        for (i, row) in rows.iter().enumerate() {
-            let keep: Vec<u32> = (0..l as u32).filter(|&j| row[j as usize] > 0.0).collect();
-            let (keep, bias) = if keep.is_empty() {
-                // Every position, each biased by (1 − 0)·(−10000) in the model dtype.
-                let bias = (Tensor::ones((1, 1, 1, l), self.dtype, device)? * -10000.0)?
-                    .to_dtype(DType::F32)?;
-                ((0..l as u32).collect(), Some(bias))
-            } else {
-                (keep, None)
+        for (i, keep) in kept.iter().enumerate() {
+            let item = encoder_hidden_states.narrow(0, i, 1)?;
+            // [1, L_i, caption_channels]: the kept tokens (a prefix is a view, no index upload).
+            let (y, bias) = match keep {
+                _ if keep.is_empty() => {
+                    // Every position, each biased by (1 − 0)·(−10000) in the model dtype.
+                    let bias = (Tensor::ones((1, 1, 1, l), self.dtype, device)? * -10000.0)?
+                        .to_dtype(DType::F32)?;
+                    tokens.push(l);
+                    (item, Some(bias))
+                }
+                Kept::Prefix(n) => {
+                    tokens.push(*n);
+                    (item.narrow(1, 0, *n)?, None)
+                }
+                Kept::Tokens(idx) => {
+                    tokens.push(idx.len());
+                    let idx = Tensor::new(idx.as_slice(), device)?;
+                    (item.index_select(&idx, 1)?, None)
+                }
             };
-            tokens.push(keep.len());
-            let idx = Tensor::new(keep.as_slice(), device)?;
-            // [1, L_i, caption_channels] → projection and norm → [1, L_i, D].
-            let y = encoder_hidden_states
-                .narrow(0, i, 1)?
-                .index_select(&idx, 1)?
-                .to_dtype(self.dtype)?;
+            // Projection and norm → [1, L_i, D].
+            let y = y.to_dtype(self.dtype)?;
             let y = self
                 .caption_2
                 .forward(&self.caption_1.forward(&y)?.gelu()?)?;
@@ -869,6 +961,38 @@ impl SanaTransformer2DModel {
             }
         }
         Ok(CaptionContext { blocks, tokens })
+    }
+
+    /// The `[1, h·w, D]` f32 position embedding of a token grid, from the cache or made once.
+    fn position_embedding(
+        &self,
+        h: usize,
+        w: usize,
+        scale: f64,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut cache = self
+            .pos_embed
+            .lock()
+            .expect("position-embedding cache poisoned; this is a bug");
+        if let Some(i) = cache.iter().position(|(k, _)| *k == (h, w)) {
+            let entry = cache.remove(i);
+            let pe = entry.1.clone();
+            cache.push(entry);
+            return Ok(pe);
+        }
+        let d = self.cfg.inner_dim();
+        let base = self.cfg.sample_size / self.cfg.patch_size;
+        let pe = Tensor::from_vec(
+            sincos_pos_embed(d, h, w, base, scale),
+            (1, h * w, d),
+            device,
+        )?;
+        if cache.len() == POS_EMBED_CACHE {
+            cache.remove(0);
+        }
+        cache.push(((h, w), pe.clone()));
+        Ok(pe)
     }
 
     /// A forward pass with the caption work already done → velocity `[B, out_channels, H, W]`.
@@ -896,7 +1020,6 @@ impl SanaTransformer2DModel {
         }
         let (h, w) = (hh / p, ww / p);
         let n = h * w;
-        let d = self.cfg.inner_dim();
         // 1. Patch embed: [B, C, h·p, w·p] → [B, h, w, C, p, p] → [B, N, C·p·p] → [B, N, D].
         let patches = x
             .reshape((b, c, h, p, w, p))?
@@ -907,12 +1030,7 @@ impl SanaTransformer2DModel {
             .broadcast_add(&self.patch_b)?;
         // 2. Position embedding (2K/4K models), added in f32 then cast back.
         if let Some(scale) = self.cfg.interpolation_scale {
-            let base = self.cfg.sample_size / p;
-            let pe = Tensor::from_vec(
-                sincos_pos_embed(d, h, w, base, scale),
-                (1, n, d),
-                x.device(),
-            )?;
+            let pe = self.position_embedding(h, w, scale, x.device())?;
             hs = hs
                 .to_dtype(DType::F32)?
                 .broadcast_add(&pe)?

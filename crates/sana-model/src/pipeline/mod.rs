@@ -622,33 +622,25 @@ impl SanaPipeline {
         let cfg = self.kind == PipelineKind::Sana && guidance.iter().any(|&g| g > 1.0);
         // 3. Text: each distinct prompt once, then one row per image ([negative; positive] for CFG).
         let prompts: Vec<&str> = req.items.iter().map(|i| i.prompt.as_str()).collect();
-        let rows = Tensor::new(rows.as_slice(), &self.device)?;
-        let expand = |p: PromptEmbeds| -> Result<PromptEmbeds> {
-            Ok(PromptEmbeds {
-                embeds: p.embeds.index_select(&rows, 0)?,
-                mask: p.mask.index_select(&rows, 0)?,
-            })
-        };
-        let positive = expand(self.text_encoder.encode(
-            &prompts,
-            req.complex_human_instruction,
-            req.max_sequence_length,
-        )?)?;
+        let positive = self
+            .text_encoder
+            .encode(
+                &prompts,
+                req.complex_human_instruction,
+                req.max_sequence_length,
+            )?
+            .select(&rows)?;
         let text = if cfg {
             let negatives: Vec<&str> = req
                 .items
                 .iter()
                 .map(|i| i.negative_prompt.as_str())
                 .collect();
-            let negative = expand(self.text_encoder.encode(
-                &negatives,
-                false,
-                req.max_sequence_length,
-            )?)?;
-            PromptEmbeds {
-                embeds: Tensor::cat(&[&negative.embeds, &positive.embeds], 0)?,
-                mask: Tensor::cat(&[&negative.mask, &positive.mask], 0)?,
-            }
+            let negative = self
+                .text_encoder
+                .encode(&negatives, false, req.max_sequence_length)?
+                .select(&rows)?;
+            PromptEmbeds::cat(&negative, &positive)?
         } else {
             positive
         };
@@ -659,7 +651,7 @@ impl SanaPipeline {
         }
         let caption = self
             .transformer
-            .prepare_caption(&text.embeds, Some(&text.mask))?;
+            .prepare_caption_lengths(&text.embeds, &text.lengths)?;
         if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
             let now = clock(&self.device)?;
             t.caption = now - *m;

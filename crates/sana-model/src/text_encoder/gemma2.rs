@@ -14,6 +14,7 @@
 //! [`super::SanaTextEncoder`] encodes the instruction prefix once.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -549,6 +550,9 @@ pub struct Gemma2Model {
     norm: Gemma2RmsNorm,
     dtype: DType,
     device: Device,
+    /// RoPE cos/sin `[positions, hd/2]` in the model dtype on the device, grown on demand and
+    /// then only narrowed: no host work per forward. Clones share it.
+    rope: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl Gemma2Model {
@@ -584,6 +588,7 @@ impl Gemma2Model {
             dtype,
             device: vb.device().clone(),
             cfg: cfg.clone(),
+            rope: Arc::default(),
         })
     }
 
@@ -638,6 +643,22 @@ impl Gemma2Model {
         };
         let (hidden, _) = self.run(input_ids, &valid, None, false)?;
         Ok(hidden)
+    }
+
+    /// [`Self::forward`] for right-padded rows: row `b` has `lengths[b]` real tokens. Reads
+    /// nothing back from the device.
+    pub fn forward_lengths(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if lengths.len() != b || lengths.iter().any(|&l| l > t) {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "forward_lengths: lengths {lengths:?} do not fit ids [{b}, {t}]"
+            ))));
+        }
+        let valid: Vec<Vec<bool>> = lengths
+            .iter()
+            .map(|&l| (0..t).map(|i| i < l).collect())
+            .collect();
+        Ok(self.run(input_ids, &valid, None, false)?.0)
     }
 
     /// Runs one sequence and keeps every layer's keys and values for [`Self::forward_cached`].
@@ -733,22 +754,39 @@ impl Gemma2Model {
         Ok((hidden, cache))
     }
 
+    /// RoPE cos/sin for positions `start..start + len`, `[len, hd/2]`, views of the cached
+    /// tables (made for the first 512 positions, or up to the end asked for, rounded up to a
+    /// power of two).
     fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let hd = self.cfg.head_dim();
-        let theta = self.cfg.rope_theta() as f32;
-        // As the reference: inv_freq = 1 / base^(arange(0, hd, 2) / hd) in f32.
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
-        let mut freqs = Vec::with_capacity(len * hd / 2);
-        for pos in start..start + len {
-            freqs.extend(inv_freq.iter().map(|f| pos as f32 * f));
+        let end = start + len;
+        let mut slot = self
+            .rope
+            .lock()
+            .expect("rope table mutex poisoned; this is a bug");
+        let covered = slot.as_ref().map_or(0, |(cos, _)| cos.dim(0).unwrap_or(0));
+        if covered < end {
+            let n = end
+                .max(512)
+                .next_power_of_two()
+                .min(self.cfg.max_position_embeddings.max(end));
+            let hd = self.cfg.head_dim();
+            let theta = self.cfg.rope_theta() as f32;
+            // As the reference: inv_freq = 1 / base^(arange(0, hd, 2) / hd) in f32.
+            let inv_freq: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+                .collect();
+            let mut freqs = Vec::with_capacity(n * hd / 2);
+            for pos in 0..n {
+                freqs.extend(inv_freq.iter().map(|f| pos as f32 * f));
+            }
+            let freqs = Tensor::from_vec(freqs, (n, hd / 2), &self.device)?;
+            *slot = Some((
+                freqs.cos()?.to_dtype(self.dtype)?,
+                freqs.sin()?.to_dtype(self.dtype)?,
+            ));
         }
-        let freqs = Tensor::from_vec(freqs, (len, hd / 2), &self.device)?;
-        Ok((
-            freqs.cos()?.to_dtype(self.dtype)?,
-            freqs.sin()?.to_dtype(self.dtype)?,
-        ))
+        let (cos, sin) = slot.as_ref().expect("filled above; this is a bug");
+        Ok((cos.narrow(0, start, len)?, sin.narrow(0, start, len)?))
     }
 
     /// Causal + padding masks, and the sliding-window one when some layer slides and the window

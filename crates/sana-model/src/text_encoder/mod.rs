@@ -52,6 +52,35 @@ pub struct PromptEmbeds {
     pub embeds: Tensor,
     /// `[B, L]` u8, 1 = token, 0 = padding.
     pub mask: Tensor,
+    /// Real tokens of each row, on the host: row `b` is `lengths[b]` tokens then padding (the
+    /// mask's ones), so the transformer needs no device read to trim the padding.
+    pub lengths: Vec<usize>,
+}
+
+impl PromptEmbeds {
+    /// The rows `rows`, in that order (e.g. one row per image).
+    pub fn select(&self, rows: &[u32]) -> Result<Self> {
+        let idx = Tensor::new(rows, self.embeds.device())?;
+        Ok(Self {
+            embeds: self.embeds.index_select(&idx, 0)?,
+            mask: self.mask.index_select(&idx, 0)?,
+            lengths: rows.iter().map(|&r| self.lengths[r as usize]).collect(),
+        })
+    }
+
+    /// `first` then `second` along the batch (classifier-free guidance: negative, then positive).
+    pub fn cat(first: &Self, second: &Self) -> Result<Self> {
+        Ok(Self {
+            embeds: Tensor::cat(&[&first.embeds, &second.embeds], 0)?,
+            mask: Tensor::cat(&[&first.mask, &second.mask], 0)?,
+            lengths: first
+                .lengths
+                .iter()
+                .chain(&second.lengths)
+                .copied()
+                .collect(),
+        })
+    }
 }
 
 /// The knobs of `encode_prompt` (diffusers' defaults).
@@ -308,14 +337,10 @@ impl SanaTextEncoder {
             if n == 1 {
                 return Ok(p);
             }
-            let idx: Vec<u32> = (0..b as u32)
+            let rows: Vec<u32> = (0..b as u32)
                 .flat_map(|i| std::iter::repeat_n(i, n))
                 .collect();
-            let idx = Tensor::new(idx.as_slice(), p.embeds.device())?;
-            Ok(PromptEmbeds {
-                embeds: p.embeds.index_select(&idx, 0)?,
-                mask: p.mask.index_select(&idx, 0)?,
-            })
+            p.select(&rows)
         };
         let positive = repeat(positive)?;
         if !opts.do_classifier_free_guidance {
@@ -333,10 +358,7 @@ impl SanaTextEncoder {
             }
         };
         let negative = repeat(self.encode(&negatives, false, opts.max_sequence_length)?)?;
-        Ok(PromptEmbeds {
-            embeds: Tensor::cat(&[&negative.embeds, &positive.embeds], 0)?,
-            mask: Tensor::cat(&[&negative.mask, &positive.mask], 0)?,
-        })
+        PromptEmbeds::cat(&negative, &positive)
     }
 
     /// diffusers `_get_gemma_prompt_embeds` followed by `encode_prompt`'s selection:
@@ -371,9 +393,11 @@ impl SanaTextEncoder {
         let (h, dev) = (self.hidden_size(), self.model.device());
         let mut embeds = Vec::with_capacity(plans.len());
         let mut mask = Vec::with_capacity(plans.len() * max);
+        let mut lengths = Vec::with_capacity(plans.len());
         for (plan, rows) in plans.iter().zip(rows) {
             let k = rows.dim(0)?;
             let real = plan.real_selected().len();
+            lengths.push(real);
             mask.extend(
                 plan.select
                     .iter()
@@ -390,6 +414,7 @@ impl SanaTextEncoder {
         Ok(PromptEmbeds {
             embeds: Tensor::stack(&embeds, 0)?,
             mask: Tensor::from_vec(mask, (plans.len(), max), dev)?,
+            lengths,
         })
     }
 
@@ -456,18 +481,16 @@ impl SanaTextEncoder {
         let dev = self.model.device();
         let total = plans[0].select.last().map_or(1, |&r| r + 1);
         let mut ids = Vec::with_capacity(plans.len() * total);
-        let mut mask = Vec::with_capacity(plans.len() * total);
         for plan in plans {
             ids.extend(plan.ids.iter().copied());
             ids.extend(std::iter::repeat_n(
                 self.tokenizer.pad_id(),
                 total - plan.ids.len(),
             ));
-            mask.extend((0..total).map(|i| u8::from(i < plan.ids.len())));
         }
         let ids = Tensor::from_vec(ids, (plans.len(), total), dev)?;
-        let mask = Tensor::from_vec(mask, (plans.len(), total), dev)?;
-        let hidden = self.model.forward(&ids, Some(&mask))?; // [B, total, H]
+        let lengths: Vec<usize> = plans.iter().map(|p| p.ids.len()).collect();
+        let hidden = self.model.forward_lengths(&ids, &lengths)?; // [B, total, H]
         plans
             .iter()
             .enumerate()

@@ -7,9 +7,13 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
-/// `tests/fixtures/` at the workspace root.
+/// `tests/fixtures/` at the workspace root, or `SANA_FIXTURES` (a test binary carried to another
+/// machine, as `scripts/gpu-check.sh` does, finds the fixtures of the checkout it runs in).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    match std::env::var_os("SANA_FIXTURES") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
 }
 
 /// The device the parity tests run on: `SANA_TEST_DEVICE` (`cpu`, the default, or `cuda:N`), so

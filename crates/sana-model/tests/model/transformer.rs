@@ -1,7 +1,7 @@
 //! `SanaTransformer2DModel` parity with diffusers on the committed random-weight fixtures
 //! (`tools/gen_fixtures.py transformer`), loading, and batch invariance.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -315,6 +315,26 @@ fn trimmed_text_equals_the_reference() {
             1e-4,
             "f32 tolerance, trimmed text",
         );
+        // The pipelines' form: host-side lengths instead of a mask read back from the device.
+        let by_length = model.prepare_caption_lengths(&y, &lengths).unwrap();
+        assert_eq!(by_length.tokens(), lengths);
+        let again = model
+            .forward_with_caption(
+                &io["hidden_states"],
+                &io["timestep"],
+                io.get("guidance"),
+                &by_length,
+            )
+            .unwrap();
+        assert_eq!(
+            common::max_abs_diff(&again, &out).0,
+            0.0,
+            "{case}: lengths and mask give the same caption context"
+        );
+        assert!(model.prepare_caption_lengths(&y, &lengths[1..]).is_err());
+        assert!(model
+            .prepare_caption_lengths(&y, &vec![l + extra + 1; b])
+            .is_err());
     }
 }
 

@@ -2,7 +2,7 @@
 //! to uint8 images with the reference's initial latents (`tools/gen_fixtures.py pipeline`), plus the
 //! pipeline's own guarantees (seeds, batch invariance, cancellation) and the engine backend.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

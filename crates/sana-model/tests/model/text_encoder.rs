@@ -2,7 +2,7 @@
 //! diffusers' `SanaPipeline.encode_prompt` (fixtures from `tools/gen_fixtures.py text_encoder`), the
 //! real gemma-2-2b-it config, and proofs that the shortcuts change nothing the DiT can see.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! The denoising loops against diffusers' SanaPipeline / SanaSprintPipeline on tiny random
 //! transformers with given embeddings and latents (`tools/gen_fixtures.py sampling`).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! the committed fixtures (`tools/gen_fixtures.py nvlabs`), load errors that name the keys, and the
 //! YAML → config mapping of the released models.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

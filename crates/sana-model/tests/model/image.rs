@@ -1,7 +1,7 @@
 //! Resolution binning, resize + centre crop and u8 conversion against diffusers' image processor
 //! (`tools/gen_fixtures.py image`).
 
-mod common;
+use crate::common;
 
 use common::{fixtures, load};
 use sana_model::image::{bin_table, classify_height_width_bin, resize_and_crop, to_rgb8};

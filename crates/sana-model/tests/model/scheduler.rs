@@ -9,7 +9,7 @@
 //!   or the angle for SCM) with diffusers' noise, f32 ≤ 1e-5 × max|ref|, plus the solver order diffusers
 //!   used at every step.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 

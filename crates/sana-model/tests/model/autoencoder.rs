@@ -2,7 +2,7 @@
 //! (`tools/gen_fixtures.py autoencoder`): decode, encode and tiled decode, f32 and bf16 on CPU, plus
 //! the real sana-1.0 config and config validation.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
