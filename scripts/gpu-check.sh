@@ -1,85 +1,113 @@
 #!/usr/bin/env bash
-# The GPU check: parity fixtures on a device, then the real Sana-0.6B and 1.6B configs (random weights) timed
-# beside diffusers on the same device in the same run.
+# The one-shot GPU check: parity on the device, compute-sanitizer over a small pipeline run, and the real Sana-0.6B
+# and 1.6B configs timed beside diffusers on the same GPU in the same run; a markdown report in --out.
 #
-#   scripts/gpu-check.sh build [--cpu]
-#       Here (with Rust): builds `sana` and the parity test binaries (with the `cuda` feature through
-#       scripts/build-cuda.sh unless --cpu) and packs them into dist/gpu-check.tar.xz (small enough to carry to a
-#       GPU machine that has no Rust).
-#   scripts/gpu-check.sh run [--device cuda:0|cpu] [--quick] [--sizes "512 1024"] [--batches "1 16"] [--steps 20]
-#       On the machine to check, from the repository root (it reads tests/fixtures and the real configs):
-#       unpacks dist/gpu-check.tar.xz when present, runs the parity tests on the device (f32 within the CPU
-#       tolerances, bf16 within 3e-2: the same tests and tolerances as `cargo test`), then `sana bench pipeline` for
-#       Sana_600M and Sana_1600M at each size and batch, with diffusers timed in the same run when python3 has
-#       torch and diffusers (SANA_REFERENCE_PYTHON to choose another). --quick: 512 only, batch 1, 2 steps, one
-#       timed run without warm-up (what a CPU can finish in minutes). The CUDA binary needs the CUDA 13 runtime libraries: LD_LIBRARY_PATH is pointed
-#       at torch's bundled ones when they are found.
+#   scripts/gpu-check.sh pack [--cpu]
+#       Here (Rust, network to PyPI): builds `sana` and the model test binary (with the `cuda` feature through
+#       scripts/build-cuda.sh unless --cpu), and for a GPU package also diffusers and what it needs (for PYTHONPATH,
+#       Pillow for CPython 3.11 and 3.12) and compute-sanitizer, into dist/gpu-check/, packed as
+#       dist/gpu-check.tar.xz (refused over 64 MiB). Carry the .tar.xz to the GPU machine.
+#   scripts/gpu-check.sh [--out DIR] [--device cuda:0] [--quick] [--budget SECONDS]
+#       On the GPU machine, from the repository root (it reads tests/fixtures and the real configs): unpacks
+#       dist/gpu-check.tar.xz if needed and runs tools/gpu_check.py (default --out gpu-check-report, budget 450 s,
+#       which with unpacking keeps the whole check under 8 minutes). Needs python3; PyTorch on it for the reference.
+#   scripts/gpu-check.sh --cpu --quick [--out DIR]
+#       The same end to end on the CPU (what CI runs): packs a CPU build first when needed, f32, Sana-0.6B at 512²,
+#       batch 1, 2 steps; no sanitizer; the reference when python3 has torch and diffusers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: scripts/gpu-check.sh build [--cpu] | run [--device D] [--quick] [--sizes S] [--batches B] [--steps N]}
-shift
-TESTS="transformer autoencoder text_encoder pipeline"
+dist=dist/gpu-check
 
-if [ "$mode" = build ]; then
-  features=(--features cuda); build=(scripts/build-cuda.sh); target=${CARGO_TARGET_DIR:-target-cuda}
-  if [ "${1:-}" = --cpu ]; then features=(); build=(cargo); target=${CARGO_TARGET_DIR:-target}; fi
-  out=dist/gpu-check; rm -rf "$out"; mkdir -p "$out/tests"
+pack() {
+  local cpu=0
+  [ "${1:-}" = --cpu ] && cpu=1
+  local build=(scripts/build-cuda.sh) features=(--features cuda) target=${CARGO_TARGET_DIR:-target-cuda}
+  if [ $cpu = 1 ]; then build=(cargo); features=(); target=${CARGO_TARGET_DIR:-target}; fi
+  rm -rf "$dist" dist/gpu-check.tar.xz
+  mkdir -p "$dist/tests"
   "${build[@]}" build --release -p sana "${features[@]}"
-  cp "$target/release/sana" "$out/sana"
-  json=$("${build[@]}" test --release -p sana-model "${features[@]}" --no-run --message-format=json \
-    $(for t in $TESTS; do printf -- '--test %s ' "$t"; done))
-  for t in $TESTS; do
-    exe=$(printf '%s\n' "$json" | grep "\"name\":\"$t\"" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -1)
-    cp "$exe" "$out/tests/$t"
-  done
-  strip "$out/sana" "$out"/tests/* 2>/dev/null || true
+  cp "$target/release/sana" "$dist/sana"
+  local json exe
+  json=$("${build[@]}" test --release --workspace "${features[@]}" --test model --no-run --message-format=json)
+  exe=$(printf '%s\n' "$json" | grep '"name":"model"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -1)
+  [ -n "$exe" ] || { echo "gpu-check pack: no model test binary in the build output" >&2; exit 1; }
+  cp "$exe" "$dist/tests/model"
+  strip "$dist/sana" "$dist/tests/model"
+  if [ $cpu = 1 ]; then
+    echo cpu > "$dist/KIND"
+  else
+    echo cuda > "$dist/KIND"
+    python_deps
+    sanitizer
+  fi
   tar -C dist -cJf dist/gpu-check.tar.xz gpu-check
-  ls -l dist/gpu-check.tar.xz
+  local bytes
+  bytes=$(stat -c %s dist/gpu-check.tar.xz)
+  du -sh "$dist"/* | sed 's/^/  /'
+  echo "dist/gpu-check.tar.xz: $((bytes / 1048576)) MiB ($bytes bytes)"
+  [ "$bytes" -le $((64 * 1048576)) ] || { echo "gpu-check pack: over the 64 MiB a device run can carry" >&2; exit 1; }
+}
+
+# diffusers and what it needs beyond torch and transformers, unpacked for PYTHONPATH (all pure Python but Pillow,
+# which goes to py-cp3XX/ per CPython version).
+python_deps() {
+  local wheels=target/gpu-check-wheels
+  mkdir -p "$wheels" "$dist/py"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
+    "diffusers==0.42.1" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1" "idna>=3.7,<4" \
+    "charset_normalizer==3.5.3" "importlib_metadata==10.2.0" "zipp==4.1.2" --python-version 3.11 --platform any
+  for w in "$wheels"/*.whl; do
+    case $(basename "$w") in pillow-*) ;; *) python3 -m zipfile -e "$w" "$dist/py" ;; esac
+  done
+  for v in 311 312; do
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels/cp$v" "pillow==13.0.0" \
+      --python-version "3.${v#3}" --implementation cp --abi "cp$v" --platform manylinux_2_28_x86_64
+    mkdir -p "$dist/py-cp$v"
+    python3 -m zipfile -e "$wheels/cp$v"/pillow-*.whl "$dist/py-cp$v"
+  done
+}
+
+# compute-sanitizer: the 13.4.92 wheel is the first with its TreeLauncher helpers (earlier ones cannot launch a
+# target); one folder with the tool, its helpers and libraries.
+sanitizer() {
+  local wheels=target/gpu-check-wheels/sanitizer tmp
+  mkdir -p "$wheels" "$dist/sanitizer"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" "nvidia-cuda-sanitizer-api==13.4.92"
+  tmp=$(mktemp -d)
+  python3 -m zipfile -e "$wheels"/nvidia_cuda_sanitizer_api-*.whl "$tmp"
+  local root
+  root=$(dirname "$(find "$tmp" -name compute-sanitizer -type f | head -1)")
+  cp "$root"/compute-sanitizer "$root"/TreeLauncherSubreaper "$root"/TreeLauncherTargetLdPreloadHelper "$dist/sanitizer/"
+  cp "$root"/../lib/lib*.so* "$dist/sanitizer/" 2>/dev/null || true
+  cp "$root"/*.so* "$dist/sanitizer/" 2>/dev/null || true
+  chmod +x "$dist/sanitizer/compute-sanitizer" "$dist/sanitizer/TreeLauncher"*
+  rm -rf "$tmp"
+}
+
+if [ "${1:-}" = pack ]; then
+  shift
+  pack "$@"
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "unknown mode $mode" >&2; exit 2; }
-device=cuda:0; sizes="512 1024"; batches="1 16"; steps=20; dtype=bf16; runs=(--warmup 1 --repeat 2)
+out=gpu-check-report; device=cuda:0; cpu=0; extra=()
 while [ $# -gt 0 ]; do
   case $1 in
+    --out) out=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
-    --quick) sizes=512; batches=1; steps=2; runs=(--warmup 0 --repeat 1); shift ;;
-    --sizes) sizes=$2; shift 2 ;;
-    --batches) batches=$2; shift 2 ;;
-    --steps) steps=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
+    --cpu) cpu=1; device=cpu; shift ;;
+    --quick) extra+=(--quick); shift ;;
+    --budget) extra+=(--budget "$2"); shift 2 ;;
+    --no-reference) extra+=(--no-reference); shift ;;
+    *) echo "gpu-check: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-[ "$device" = cpu ] && dtype=f32
-if [ -f dist/gpu-check.tar.xz ] && [ ! -x dist/gpu-check/sana ]; then tar -C dist -xJf dist/gpu-check.tar.xz; fi
-bin=dist/gpu-check
-[ -x "$bin/sana" ] || { echo "no $bin/sana: run scripts/gpu-check.sh build first" >&2; exit 1; }
-py=${SANA_REFERENCE_PYTHON:-python3}
-if "$py" -c "import torch, diffusers" 2>/dev/null; then
-  ref=(--reference-python "$py")
-  torchlib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "lib"))')
-  [ -d "$torchlib" ] && export LD_LIBRARY_PATH="$torchlib:${LD_LIBRARY_PATH:-}"
-else
-  ref=(); echo "(no python with torch and diffusers: timing ours only)"
+if [ ! -x "$dist/sana" ] && [ -f dist/gpu-check.tar.xz ]; then tar -C dist -xJf dist/gpu-check.tar.xz; fi
+if [ $cpu = 1 ] && [ "$(cat "$dist/KIND" 2>/dev/null)" != cpu ]; then pack --cpu; fi
+[ -x "$dist/sana" ] || { echo "gpu-check: no $dist/sana: run 'scripts/gpu-check.sh pack' first" >&2; exit 1; }
+if [ "$(cat "$dist/KIND")" = cuda ]; then
+  # The CUDA binary links the CUDA 13 runtime libraries: torch's wheels carry them.
+  lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "lib"))' 2>/dev/null || true)
+  if [ -n "$lib" ] && [ -d "$lib" ]; then export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"; fi
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-echo "== parity on $device"
-status=0
-for t in $TESTS; do
-  # Parity tests only (their names say so); one thread so GPU memory is not shared between tests.
-  filter=parity; [ "$t" = pipeline ] && filter=equals_diffusers
-  out=$(SANA_TEST_DEVICE=$device "$bin/tests/$t" "$filter" --test-threads 1 2>&1) || status=1
-  printf '%s\n' "$out" | grep -E "^test |test result"
-  printf '%s\n' "$out" | grep -q "test result: ok. 0 passed" && { echo "no $filter tests ran in $t" >&2; status=1; }
-done
-echo "== timings on $device ($dtype), $steps steps"
-for model in Sana_600M Sana_1600M; do
-  for size in $sizes; do
-    for batch in $batches; do
-      "$bin/sana" bench "${ref[@]}" "${runs[@]}" pipeline \
-        --transformer-config "tests/fixtures/real-configs/transformer/${model}_${size}px.json" \
-        --size "$size" --batch "$batch" --steps "$steps" --device "$device" --dtype "$dtype" || status=1
-    done
-  done
-done
-exit $status
+exec python3 tools/gpu_check.py --bin "$dist" --out "$out" --device "$device" "${extra[@]}"

@@ -209,6 +209,57 @@ pub fn assert_pixels_close(case: &str, got: &[u8], reference: &[u8], levels: u8)
     c
 }
 
+/// Asserts, element by element, `|got − want| ≤ rtol · |want|` for two f64 sequences (schedules:
+/// each value against its own magnitude), after checking that every value is finite.
+#[track_caller]
+pub fn assert_each_relative_f64(case: &str, got: &[f64], want: &[f64], rtol: f64) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{case}: length differs from the reference"
+    );
+    for (operand, values) in [("got", got), ("reference", want)] {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            panic!(
+                "{case}: {operand} holds a non-finite value {} at index {i}",
+                values[i]
+            );
+        }
+    }
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rtol * w.abs(),
+            "{case}: [{i}] = {g} but the reference has {w} (tolerance {rtol:e} relative)"
+        );
+    }
+}
+
+/// Asserts two f32 sequences are finite and each pair at most `ulps` units in the last place apart
+/// (for values the reference computes with the same operations, where only rounding may differ).
+#[track_caller]
+pub fn assert_within_ulps_f32(case: &str, got: &[f32], want: &[f32], ulps: u32) -> usize {
+    compare_f32(got, want).unwrap_or_else(|e| panic!("{case}: {e}"));
+    // Ordered integer images of the floats, so that the distance crosses zero correctly.
+    let key = |v: f32| {
+        let b = v.to_bits() as i64;
+        if b & (1 << 31) != 0 {
+            -(b & 0x7fff_ffff)
+        } else {
+            b
+        }
+    };
+    let mut exact = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (key(g) - key(w)).unsigned_abs();
+        assert!(
+            d <= u64::from(ulps),
+            "{case}: [{i}] = {g} is {d} f32 ulps from the reference's {w} (limit {ulps})"
+        );
+        exact += usize::from(d == 0);
+    }
+    exact
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +395,31 @@ mod tests {
         let c = assert_pixels_close("px", &[0, 10, 255], &[1, 10, 253], 2);
         assert_eq!((c.max_abs_diff, c.differing), (2.0, 2));
         let r = std::panic::catch_unwind(|| assert_pixels_close("px", &[0], &[3], 2));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn elementwise_checks_refuse_non_finite_values() {
+        assert_each_relative_f64("ok", &[1.0, 2.0], &[1.0, 2.0 + 1e-9], 1e-6);
+        for bad in [f64::NAN, f64::INFINITY] {
+            let r = std::panic::catch_unwind(|| {
+                assert_each_relative_f64("bad", &[1.0, bad], &[1.0, 2.0], 1e-6)
+            });
+            assert!(r.is_err(), "{bad} must fail");
+        }
+        assert_eq!(
+            assert_within_ulps_f32("ok", &[1.0, -0.0], &[1.0, 0.0], 1),
+            2
+        );
+        let next = f32::from_bits(1.0f32.to_bits() + 1);
+        assert_eq!(assert_within_ulps_f32("one ulp", &[next], &[1.0], 1), 0);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let r = std::panic::catch_unwind(|| assert_within_ulps_f32("bad", &[bad], &[1.0], 1));
+            assert!(r.is_err(), "{bad} must fail");
+        }
+        let r = std::panic::catch_unwind(|| {
+            assert_within_ulps_f32("two", &[1.0], &[f32::from_bits(1.0f32.to_bits() + 2)], 1)
+        });
         assert!(r.is_err());
     }
 

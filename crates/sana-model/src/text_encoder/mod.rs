@@ -20,6 +20,7 @@
 //! * a bounded LRU cache of finished prompt embeddings.
 
 mod gemma2;
+mod gemma2_config;
 mod tokenizer;
 
 use std::collections::{HashMap, VecDeque};

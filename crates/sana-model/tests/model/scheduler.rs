@@ -94,13 +94,7 @@ fn sana(flow_shift: f64) -> SchedulerConfig {
 }
 
 fn assert_rel(case: &str, what: &str, got: &[f64], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{case}: {what} length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= SCHEDULE_RTOL * w.abs(),
-            "{case}: {what}[{i}] = {g} but diffusers has {w} (tolerance {SCHEDULE_RTOL:e} relative)"
-        );
-    }
+    sana_testing::assert_each_relative_f64(&format!("{case}: {what}"), got, want, SCHEDULE_RTOL);
 }
 
 #[test]
@@ -139,22 +133,14 @@ fn schedules_match_diffusers() {
             let want_t: Vec<f64> = want.timesteps.iter().map(|t| t.as_f64().unwrap()).collect();
             assert_rel(&case, "timesteps", sched.timesteps(), &want_t);
             assert_rel(&case, "sigmas", sched.sigmas(), &want.sigmas);
-            for (got, want) in sched
-                .timesteps()
-                .iter()
-                .chain(sched.sigmas())
-                .zip(want_t.iter().chain(&want.sigmas))
-            {
-                compared += 1;
-                let (g, w) = (*got as f32, *want as f32);
-                bit_exact += usize::from(g == w);
-                // torch's own f32 sqrt and vectorised linspace are not always correctly rounded; the
-                // port mirrors every operation, so it is never more than 1 ulp away.
-                assert!(
-                    g.to_bits().abs_diff(w.to_bits()) <= 1,
-                    "{case}: {g} is more than 1 f32 ulp from diffusers' {w}"
-                );
-            }
+            // torch's own f32 sqrt and vectorised linspace are not always correctly rounded; the
+            // port mirrors every operation, so it is never more than 1 ulp away.
+            let as_f32 =
+                |v: &mut dyn Iterator<Item = &f64>| v.map(|&x| x as f32).collect::<Vec<_>>();
+            let got = as_f32(&mut sched.timesteps().iter().chain(sched.sigmas()));
+            let wanted = as_f32(&mut want_t.iter().chain(&want.sigmas));
+            compared += got.len();
+            bit_exact += sana_testing::assert_within_ulps_f32(&case, &got, &wanted, 1);
         }
     }
     eprintln!("schedules: {compared} values compared, {bit_exact} bit-exact as f32");
