@@ -4,9 +4,12 @@ Run by tests/openai_sdk.sh (which installs the SDK into a virtual environment); 
 Checks: `client.images.generate` with `b64_json` and with `url` gives decodable PNGs of the requested size and count;
 `extra_body` reaches the server (`seed`: the same seed gives the same image); streaming with partial images through
 the SDK's event iterator; a bad request raises the SDK's `BadRequestError` with the server's message.
+`client.images.edit` with an image and an alpha mask (multipart) gives decodable PNGs, streams `image_edit.*`
+events, and a mask of another size raises `BadRequestError` naming the mask.
 """
 import base64
 import os
+import zlib
 import pathlib
 import socket
 import struct
@@ -26,6 +29,17 @@ def png_size(data: bytes):
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
+
+
+def rgba_png(width: int, height: int, pixel) -> bytes:
+    """A PNG (8-bit RGBA) of pixel(x, y) -> (r, g, b, a), written with the standard library only."""
+    rows = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:
@@ -79,6 +93,27 @@ def main():
         kinds = [event.type for event in stream]
         assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
         print(f"stream: {kinds}")
+
+        # Edits: the first image, its right half transparent in the mask (= repaint).
+        mask = rgba_png(64, 64, lambda x, y: (0, 0, 0, 0 if x >= 32 else 255))
+        r = client.images.edit(image=("in.png", images[0], "image/png"), mask=("mask.png", mask, "image/png"),
+                               prompt="a small red circle on the right", n=2, size="64x64",
+                               response_format="b64_json", extra_body={"seed": 3})
+        assert len(r.data) == 2 and all(png_size(base64.b64decode(d.b64_json)) == (64, 64) for d in r.data), r
+        print("edit with mask: 2 PNGs, 64x64")
+        stream = client.images.edit(image=("in.png", images[0], "image/png"), prompt="a blue background",
+                                    stream=True, partial_images=1, extra_body={"strength": 0.9})
+        kinds = [event.type for event in stream]
+        assert kinds == ["image_edit.partial_image", "image_edit.completed"], kinds
+        print(f"edit stream: {kinds}")
+        try:
+            client.images.edit(image=("in.png", images[0], "image/png"),
+                               mask=("mask.png", rgba_png(32, 32, lambda x, y: (0, 0, 0, 0)), "image/png"),
+                               prompt="a fox")
+            raise SystemExit("a mask of another size was accepted")
+        except openai.BadRequestError as e:
+            assert e.status_code == 400 and "mask" in str(e), e
+            print(f"bad edit: {e.status_code} (mask of another size)")
 
         try:
             client.images.generate(prompt="", size="64x64")

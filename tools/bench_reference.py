@@ -146,7 +146,10 @@ def instrument(pipe, device: str):
 
     pipe.encode_prompt = synced("encode", pipe.encode_prompt)
     pipe.transformer.forward = synced("step", pipe.transformer.forward)
+    # Decoding and the postprocess to 8-bit images, as our decode stage counts them.
     pipe.vae.decode = synced("decode", pipe.vae.decode)
+    pipe.image_processor.postprocess = synced("decode", pipe.image_processor.postprocess)
+    pipe.image_processor.resize_and_crop_tensor = synced("decode", pipe.image_processor.resize_and_crop_tensor)
 
     def report():
         return dict(encode_ms=round(sum(stages["encode"]), 3), step_ms_mean=round(statistics.mean(stages["step"]), 3),

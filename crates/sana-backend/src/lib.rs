@@ -131,6 +131,10 @@ pub struct BatchKey {
     /// each image takes two rows (negative and positive prompt) in every transformer forward, so
     /// a batch is either all-CFG or CFG-free and the model never wastes rows.
     pub cfg: bool,
+    /// Edits (image-to-image, inpainting): the strength in thousandths, `1..=1000`; `None` for
+    /// text-to-image. Every item of an edit batch carries an [`Edit`], and they all start at the
+    /// same step ([`edit_first_step`]) because the sampler's state is per batch.
+    pub strength_permille: Option<u16>,
 }
 
 impl BatchKey {
@@ -145,6 +149,18 @@ impl BatchKey {
             tokens
         }
     }
+}
+
+/// The first step an edit of `strength` runs out of `steps` (diffusers' `get_timesteps`, in f64
+/// as Python computes it: `int(max(steps − min(steps·strength, steps), 0))`), or `None` when the
+/// strength is outside (0, 1] or leaves no step to run.
+pub fn edit_first_step(steps: u32, strength: f64) -> Option<u32> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return None;
+    }
+    let n = f64::from(steps);
+    let start = (n - (n * strength).min(n)).max(0.0) as u32;
+    (start < steps).then_some(start)
 }
 
 /// Whether classifier-free guidance is on for a guidance scale (diffusers: `guidance_scale > 1`).
@@ -169,6 +185,21 @@ pub struct BatchItem {
     /// How many preview images to emit while denoising, per image of the item (0 = none); the
     /// steps at which they are due come from [`preview_steps`].
     pub previews: u32,
+    /// An edit's image and mask; `Some` exactly when the batch key has a strength.
+    pub edit: Option<Edit>,
+}
+
+/// What an edit starts from: the image and, for inpainting, the area to repaint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Edit {
+    /// The image to edit, at the batch's `width × height`.
+    pub image: Image,
+    /// Inpainting: one byte per pixel of `image`, 255 = repaint, 0 = keep; `None` repaints the
+    /// whole image (image-to-image).
+    pub mask: Option<Vec<u8>>,
+    /// Inpainting: keep the original's unmasked pixels in the output (blended over a short
+    /// feather at the mask's edge) instead of the decoded ones.
+    pub preserve_unmasked: bool,
 }
 
 impl BatchItem {
@@ -280,7 +311,8 @@ pub struct Preview {
 pub struct Progress {
     /// Steps done so far, `1..=steps`.
     pub step: u32,
-    /// Total steps of the batch.
+    /// Steps the batch runs: its key's `steps`, or for an edit the last `steps −`
+    /// [`edit_first_step`] of them.
     pub steps: u32,
     /// Previews due at this step (see [`BatchItem::wants_preview`]); usually empty.
     pub previews: Vec<Preview>,
@@ -362,6 +394,7 @@ mod tests {
             steps: 20,
             sampler: Sampler::DpmSolverMultistep,
             cfg,
+            strength_permille: None,
         }
     }
 
@@ -389,6 +422,7 @@ mod tests {
             seed: u64::MAX,
             guidance_scale: 4.5,
             previews: 0,
+            edit: None,
         };
         assert_eq!(item.image_seed(0), u64::MAX);
         assert_eq!(item.image_seed(1), 0, "seed derivation wraps");
@@ -404,6 +438,7 @@ mod tests {
             seed: 0,
             guidance_scale: 4.5,
             previews: 0,
+            edit: None,
         };
         let batch = Batch {
             key: key(512, 512, true),

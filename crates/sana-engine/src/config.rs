@@ -95,6 +95,7 @@ impl BatchLimits {
             steps: 1,
             sampler: info.default_sampler,
             cfg: true,
+            strength_permille: None,
         }
         .latent_tokens_per_image();
         let max_latent_tokens = match config.max_batch_latent_tokens {

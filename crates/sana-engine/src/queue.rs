@@ -326,6 +326,7 @@ mod tests {
             steps: 20,
             sampler: Sampler::DpmSolverMultistep,
             cfg: false,
+            strength_permille: None,
         }
     }
 
@@ -345,6 +346,7 @@ mod tests {
                 seed,
                 guidance_scale: 1.0,
                 previews: 0,
+                edit: None,
             },
             responder: Responder::new(tx),
             admitted: now,

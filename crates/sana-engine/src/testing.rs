@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use sana_backend::{
-    Backend, BackendError, Batch, BatchItem, BatchKey, Control, Image, ModelInfo, Preview,
-    Progress, Sampler,
+    edit_first_step, Backend, BackendError, Batch, BatchItem, BatchKey, Control, Image, ModelInfo,
+    Preview, Progress, Sampler,
 };
 
 /// Simulated cost of a batch.
@@ -321,7 +321,14 @@ impl Backend for FakeBackend {
         }
         let images = u32::try_from(batch.num_images()).unwrap_or(u32::MAX);
         pause(self.latency.per_batch + self.latency.per_image * images);
-        let steps = batch.key.steps;
+        // An edit runs the last `steps − first step` steps of its schedule, as the model does.
+        let steps = match batch.key.strength_permille {
+            Some(permille) => {
+                let first = edit_first_step(batch.key.steps, f64::from(permille) / 1000.0);
+                batch.key.steps - first.unwrap_or(0)
+            }
+            None => batch.key.steps,
+        };
         for step in 1..=steps {
             pause(self.latency.per_step);
             let mut previews = Vec::new();

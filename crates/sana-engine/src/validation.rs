@@ -4,7 +4,9 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sana_backend::{cfg_enabled, BatchItem, BatchKey, ModelInfo, Sampler};
+use sana_backend::{
+    cfg_enabled, edit_first_step, BatchItem, BatchKey, Edit, Image, ModelInfo, Sampler,
+};
 
 use crate::config::{BatchLimits, EngineConfig};
 use crate::error::ValidationError;
@@ -33,6 +35,22 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Preview images per generated image while denoising, `0..=max_previews`.
     pub previews: u32,
+    /// An edit of an image (image-to-image, or inpainting with a mask); `None` for
+    /// text-to-image.
+    pub edit: Option<EditRequest>,
+}
+
+/// The image side of an edit request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditRequest {
+    /// The image to edit, already at the output size (`width × height` of the request).
+    pub image: Image,
+    /// One byte per pixel of `image`: 255 = repaint, 0 = keep; `None` repaints everything.
+    pub mask: Option<Vec<u8>>,
+    /// The share of the denoising schedule that repaints, in (0, 1]; kept to thousandths.
+    pub strength: f32,
+    /// Inpainting: keep the original's unmasked pixels in the output.
+    pub preserve_unmasked: bool,
 }
 
 impl GenerateRequest {
@@ -49,6 +67,7 @@ impl GenerateRequest {
             sampler: None,
             seed: None,
             previews: 0,
+            edit: None,
         }
     }
 }
@@ -132,12 +151,27 @@ pub fn validate(
             ),
         ));
     }
+    let (strength_permille, edit) = match req.edit {
+        None => (None, None),
+        Some(edit) => {
+            let permille = check_edit(&edit, width, height, steps)?;
+            (
+                Some(permille),
+                Some(Edit {
+                    image: edit.image,
+                    mask: edit.mask,
+                    preserve_unmasked: edit.preserve_unmasked,
+                }),
+            )
+        }
+    };
     let key = BatchKey {
         width,
         height,
         steps,
         sampler,
         cfg: cfg_enabled(guidance_scale),
+        strength_permille,
     };
     let tokens = key.latent_tokens_per_image() * req.n as usize;
     if tokens > limits.max_latent_tokens {
@@ -161,8 +195,50 @@ pub fn validate(
             seed: req.seed.unwrap_or_else(random_seed),
             guidance_scale,
             previews: req.previews,
+            edit,
         },
     })
+}
+
+/// Checks an edit against the output size and the steps; its strength in thousandths.
+fn check_edit(
+    edit: &EditRequest,
+    width: u32,
+    height: u32,
+    steps: u32,
+) -> Result<u16, ValidationError> {
+    if (edit.image.width, edit.image.height) != (width, height) {
+        return Err(ValidationError::new(
+            "image",
+            format!(
+                "the image is {}x{} but the output is {width}x{height}; resize it to the output size \
+                 first",
+                edit.image.width, edit.image.height
+            ),
+        ));
+    }
+    if let Some(mask) = &edit.mask {
+        if mask.len() != width as usize * height as usize {
+            return Err(ValidationError::new(
+                "mask",
+                format!(
+                    "the mask has {} values for a {width}x{height} image; give one per pixel",
+                    mask.len()
+                ),
+            ));
+        }
+    }
+    let strength = edit.strength;
+    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+        return Err(ValidationError::new(
+            "strength",
+            format!("`strength` must be in (0, 1], got {strength}"),
+        ));
+    }
+    let permille = ((strength * 1000.0).round() as u16).clamp(1, 1000);
+    // Any positive strength runs at least the last step (diffusers truncates toward zero).
+    debug_assert!(edit_first_step(steps, f64::from(permille) / 1000.0).is_some());
+    Ok(permille)
 }
 
 fn check_chars(param: &'static str, text: &str, max: usize) -> Result<(), ValidationError> {

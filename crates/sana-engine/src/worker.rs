@@ -269,6 +269,7 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
         steps,
         sampler: info.default_sampler,
         cfg: cfg_enabled(info.default_guidance_scale),
+        strength_permille: None,
     };
     let by_tokens = limits.max_latent_tokens / key.latent_tokens_per_image().max(1);
     let n = limits.max_images.min(by_tokens).max(1);
@@ -281,6 +282,7 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
             seed: 0,
             guidance_scale: info.default_guidance_scale,
             previews: 0,
+            edit: None,
         }],
     }
 }

@@ -766,3 +766,74 @@ async fn invalid_requests_are_refused_at_submit() {
     }
     assert_eq!(engine.in_flight(), 0, "no admission slot taken");
 }
+
+/// Edits share a batch only with edits of the same size, steps and strength: the key carries the
+/// strength, and text-to-image work never joins them.
+#[tokio::test]
+async fn edits_batch_only_with_compatible_edits() {
+    use sana_engine::sana_backend::Image;
+    use sana_engine::EditRequest;
+    let fake = FakeBackend::new();
+    let log = fake.log();
+    let gate = Gate::closed();
+    let engine = start(
+        EngineConfig {
+            max_batch_images: 16,
+            ..config(1)
+        },
+        fake.with_gate(gate.clone()),
+    )
+    .await;
+    let edit = |strength: f32| EditRequest {
+        image: Image {
+            width: 64,
+            height: 64,
+            rgb8: vec![9; 64 * 64 * 3],
+        },
+        mask: None,
+        strength,
+        preserve_unmasked: true,
+    };
+    // The first request holds the worker; the rest queue up together.
+    let first = engine.submit(request("hold", 32, 32, 1, 0)).unwrap();
+    let mut streams = Vec::new();
+    for (k, strength) in [Some(0.5), Some(0.5), Some(0.8), None, Some(0.5)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut req = request(&format!("r{k}"), 64, 64, 1, k as u64);
+        req.steps = Some(10);
+        req.edit = strength.map(edit);
+        streams.push(engine.submit(req).unwrap());
+    }
+    gate.open();
+    first.result().await.unwrap();
+    for s in streams {
+        s.result().await.unwrap();
+    }
+    let batches: Vec<(Option<u16>, Vec<String>, u32)> = log
+        .served()
+        .iter()
+        .skip(1)
+        .map(|b| {
+            assert!(b
+                .items
+                .iter()
+                .all(|i| i.edit.is_some() == b.key.strength_permille.is_some()));
+            (
+                b.key.strength_permille,
+                b.items.iter().map(|i| i.prompt.clone()).collect(),
+                b.steps_run,
+            )
+        })
+        .collect();
+    assert_eq!(
+        batches,
+        [
+            (Some(500), vec!["r0".into(), "r1".into(), "r4".into()], 5),
+            (Some(800), vec!["r2".into()], 8),
+            (None, vec!["r3".into()], 10),
+        ],
+        "one batch per strength, in queue order of their first request; an edit runs steps × strength steps"
+    );
+}

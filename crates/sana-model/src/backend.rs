@@ -6,6 +6,7 @@ use sana_backend::{
     Sampler,
 };
 
+use crate::pipeline::edit::InitImage;
 use crate::pipeline::sampling::Flow;
 use crate::pipeline::{GenerateRequest, ItemRequest, PipelineKind, SanaPipeline};
 use crate::scheduler::SchedulerConfig;
@@ -179,11 +180,19 @@ impl Backend for SanaBackend {
                 num_images: it.n as usize,
                 seed: it.seed,
                 guidance_scale: it.guidance_scale,
+                init_image: it.edit.as_ref().map(|e| InitImage {
+                    width: e.image.width as usize,
+                    height: e.image.height as usize,
+                    rgb8: e.image.rgb8.clone(),
+                    mask: e.mask.clone(),
+                    preserve_unmasked: e.preserve_unmasked,
+                }),
             })
             .collect();
         req.width = key.width as usize;
         req.height = key.height as usize;
         req.steps = key.steps as usize;
+        req.strength = key.strength_permille.map(|p| f64::from(p) / 1000.0);
         req.scheduler = self.scheduler_for(key.sampler)?;
         req.complex_human_instruction = self.pipe.defaults().complex_human_instruction;
         let mut failure = None;

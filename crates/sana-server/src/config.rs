@@ -133,6 +133,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
 
+    /// Largest body of an image upload (`/v1/images/edits`, multipart) in bytes; larger bodies
+    /// are answered 413.
+    #[arg(long, env = "SANA_MAX_UPLOAD_BYTES", default_value_t = 32 << 20)]
+    pub max_upload_bytes: usize,
+
     /// API keys clients must send as `Authorization: Bearer <key>` on every route but `/health`
     /// (comma-separated, or repeat the flag). No keys and no key file: no authentication.
     #[arg(
@@ -347,6 +352,8 @@ pub struct ServerConfig {
     pub rate_limit: Option<u32>,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest image-upload body in bytes.
+    pub max_upload_bytes: usize,
     /// Longest time a request may take.
     pub request_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
@@ -408,6 +415,13 @@ impl TryFrom<ServeArgs> for ServerConfig {
                  it unset for no limit"
                     .into(),
             );
+        }
+        if args.max_upload_bytes < args.max_body_bytes {
+            return invalid(format!(
+                "--max-upload-bytes ({}) is below --max-body-bytes ({}); an upload carries an \
+                 image besides its fields",
+                args.max_upload_bytes, args.max_body_bytes
+            ));
         }
         if args.max_body_bytes < 1024 {
             return invalid(format!(
@@ -496,6 +510,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             api_keys: ApiKeys::new(keys.iter().map(String::as_str)),
             rate_limit: args.rate_limit,
             max_body_bytes: args.max_body_bytes,
+            max_upload_bytes: args.max_upload_bytes,
             request_timeout: args.request_timeout,
             shutdown_grace: args.shutdown_grace,
             public_url,

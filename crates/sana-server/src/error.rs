@@ -111,6 +111,16 @@ impl ApiError {
         err
     }
 
+    /// 415: the body is not of the content type the route takes.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+        .code("unsupported_media_type")
+    }
+
     /// 401: no key, or an unknown one.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "authentication", message).code("invalid_api_key")
@@ -343,15 +353,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 
 impl<T> ApiJson<T> {
     fn unsupported_media_type(given: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "the body must be JSON with `Content-Type: application/json`, got content type \
-                 {given}"
-            ),
-        )
-        .code("unsupported_media_type")
+        ApiError::unsupported_media_type(format!(
+            "the body must be JSON with `Content-Type: application/json`, got content type {given}"
+        ))
     }
 }
 

@@ -31,12 +31,14 @@ pub const FILES_PATH: &str = "/v1/images/files";
 
 /// A request checked by the server, ready for the engine, and how to answer it.
 #[derive(Debug, Clone)]
-struct Plan {
-    engine: GenerateRequest,
+pub(crate) struct Plan {
+    pub(crate) engine: GenerateRequest,
+    /// The stream events' prefix: `image_generation` or `image_edit`.
+    pub(crate) events: &'static str,
     /// The `size` as sent, for error messages.
-    size_text: Option<String>,
-    width: u32,
-    height: u32,
+    pub(crate) size_text: Option<String>,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
     quality: Quality,
     response_format: ResponseFormat,
     output_format: OutputFormat,
@@ -52,7 +54,7 @@ impl Plan {
 
 /// Checks what only the HTTP API knows (model name, size syntax, OpenAI-only values) and maps
 /// the request to the engine's; the engine checks the rest against the model's limits.
-fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, ApiError> {
+pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, ApiError> {
     let info = state.engine().info();
     if let Some(model) = &req.model {
         if model != state.served_model_name() && *model != info.model_id {
@@ -132,6 +134,7 @@ fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, ApiError> {
         tracing::info!(user = %user, "end-user id");
     }
     Ok(Plan {
+        events: "image_generation",
         size_text: req.size.clone(),
         width: width.unwrap_or(info.default_width),
         height: height.unwrap_or(info.default_height),
@@ -146,6 +149,7 @@ fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, ApiError> {
             sampler: None,
             seed: req.seed,
             previews: partial_images,
+            edit: None,
         },
         quality,
         response_format,
@@ -156,7 +160,7 @@ fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, ApiError> {
 }
 
 /// `1024x768` → `(1024, 768)`; `None` unless two decimal numbers joined by `x`.
-fn parse_size(text: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_size(text: &str) -> Option<(u32, u32)> {
     let (width, height) = text.split_once(['x', 'X'])?;
     let number = |s: &str| {
         (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -206,6 +210,16 @@ pub async fn generations(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let plan = plan(req, &state)?;
+    answer(&state, &headers, plan, started).await
+}
+
+/// Submits a planned request and answers it: JSON (images inline or as `url`s) or a stream.
+pub(crate) async fn answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    plan: Plan,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let submitted = state
         .engine()
         .submit(plan.engine.clone())
@@ -219,7 +233,7 @@ pub async fn generations(
         .map_err(|err| ApiError::from_engine(err, plan.size_text.as_deref()))?;
     let images = encode_all(generation.images, &plan).await?;
     let base = match plan.response_format {
-        ResponseFormat::Url => Some(public_base(&state, &headers)),
+        ResponseFormat::Url => Some(public_base(state, headers)),
         ResponseFormat::B64Json => None,
     };
     let mut data = Vec::with_capacity(images.len());
@@ -347,9 +361,9 @@ async fn drive(plan: Plan, mut generation: GenerationStream, tx: mpsc::Sender<Ss
                         *count - 1
                     });
                     vec![sse_event(
-                        "image_generation.partial_image",
+                        &format!("{}.partial_image", plan.events),
                         &PartialImageEvent {
-                            kind: "image_generation.partial_image".into(),
+                            kind: format!("{}.partial_image", plan.events),
                             b64_json,
                             created_at: unix_now(),
                             size: plan.size(),
@@ -376,9 +390,9 @@ async fn drive(plan: Plan, mut generation: GenerationStream, tx: mpsc::Sender<Ss
                         .zip(0u32..)
                         .map(|((bytes, seed), image_index)| {
                             sse_event(
-                                "image_generation.completed",
+                                &format!("{}.completed", plan.events),
                                 &CompletedEvent {
-                                    kind: "image_generation.completed".into(),
+                                    kind: format!("{}.completed", plan.events),
                                     b64_json: BASE64.encode(bytes),
                                     created_at: unix_now(),
                                     size: size.clone(),

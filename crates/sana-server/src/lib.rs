@@ -1,5 +1,5 @@
-//! The HTTP server of Sana: OpenAI's Images API (`POST /v1/images/generations`, JSON or
-//! server-sent events), `/v1/models`, `/health`, `/ready`, `/info`, `/metrics` and
+//! The HTTP server of Sana: OpenAI's Images API (`POST /v1/images/generations` and
+//! `POST /v1/images/edits`, JSON or server-sent events), `/v1/models`, `/health`, `/ready`, `/info`, `/metrics` and
 //! `/openapi.json`, with API keys, a per-key rate limit, body and time limits, CORS on request,
 //! and graceful shutdown through the engine's drain.
 //!
@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod edits;
 pub mod encode;
 pub mod error;
 pub mod images;
@@ -53,8 +54,15 @@ pub fn app(state: AppState) -> Router {
         state.clone(),
         auth::rate_limit,
     ));
+    let edits = post(edits::edits)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::rate_limit,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_upload_bytes));
     let router = Router::new()
         .route("/v1/images/generations", generations)
+        .route("/v1/images/edits", edits)
         .route("/v1/models", get(meta::models))
         .route("/v1/models/{*model}", get(meta::model_by_name))
         .route("/ready", get(meta::ready))

@@ -6,12 +6,13 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::edits::{CreateImageEditRequest, InputFidelity};
 use crate::error::{ErrorDetail, ErrorResponse};
 use crate::types::{
     Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, Model, ModelList,
     Moderation, OutputFormat, PartialImageEvent, Quality, ResponseFormat, StreamErrorEvent, Style,
 };
-use crate::{images, meta};
+use crate::{edits, images, meta};
 
 /// The API of `sana serve`.
 #[derive(OpenApi)]
@@ -25,6 +26,7 @@ use crate::{images, meta};
     ),
     paths(
         images::generations,
+        edits::edits,
         images::file,
         meta::models,
         meta::model_by_name,
@@ -35,13 +37,13 @@ use crate::{images, meta};
         meta::openapi,
     ),
     components(schemas(
-        CreateImageRequest, Quality, ResponseFormat, OutputFormat, Background, Style, Moderation,
+        CreateImageRequest, CreateImageEditRequest, InputFidelity, Quality, ResponseFormat, OutputFormat, Background, Style, Moderation,
         ImagesResponse, ImageData, PartialImageEvent, CompletedEvent, StreamErrorEvent,
         ModelList, Model, ErrorResponse, ErrorDetail,
     )),
     modifiers(&BearerAuth),
     tags(
-        (name = "images", description = "Image generation (OpenAI Images API)"),
+        (name = "images", description = "Image generation and edits (OpenAI Images API)"),
         (name = "models", description = "The served model (OpenAI Models API)"),
         (name = "operations", description = "Health, readiness, limits, metrics"),
     )

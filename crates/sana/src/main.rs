@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Generate images from prompts and write them to files.
     Generate(generate::GenerateArgs),
+    /// Edit an image with a prompt (image-to-image, or inpainting with --mask) and write the
+    /// results to files.
+    Edit(generate::EditArgs),
     /// Serve the OpenAI-style image API over HTTP.
     Serve(sana_server::ServeArgs),
     /// Time parts of the model beside the Python reference and print the ratios.
@@ -121,6 +124,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Edit(args) => generate::run_edit(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Health { url } => health(url),

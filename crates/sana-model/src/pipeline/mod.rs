@@ -8,6 +8,7 @@
 //! the longest prompt, the caption work done once per generation, and tiled decoding switched on
 //! when an un-tiled decode would exceed a memory budget.
 
+pub mod edit;
 pub mod sampling;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ use crate::text_encoder::{PromptEmbeds, SanaTextEncoder};
 use crate::transformer::SanaTransformer2DModel;
 use crate::weights::read_config;
 use crate::{Error, Result};
+use edit::{first_step, image_tensor, latent_mask, paste_unmasked, EditStart, InitImage};
 use sampling::{denoise, denoise_sprint, seeded_noise, Flow, Sampling, StepInfo};
 
 /// Which diffusers pipeline a folder holds (`model_index.json` `_class_name`).
@@ -125,6 +127,9 @@ pub struct ItemRequest {
     pub num_images: usize,
     pub seed: u64,
     pub guidance_scale: f32,
+    /// Edits: the image to start from (at the request's size) and, for inpainting, its mask.
+    /// Every item of an edit has one; a text-to-image request has none.
+    pub init_image: Option<InitImage>,
 }
 
 /// A generation: prompts that share a size and a step count.
@@ -139,8 +144,11 @@ pub struct GenerateRequest {
     pub max_sequence_length: usize,
     /// Prepend the complex human instruction to the positive prompts.
     pub complex_human_instruction: bool,
-    /// Initial latents `[images, C, h/32, w/32]` replacing the seeded noise (parity tests, replays).
+    /// The initial noise `[images, C, h/32, w/32]` replacing the seeded draw (parity tests,
+    /// replays): text-to-image starts from it; an edit mixes it with the image latents.
     pub latents: Option<Tensor>,
+    /// Edits: the share of the schedule that repaints the image, in (0, 1] (see [`edit`]).
+    pub strength: Option<f64>,
     /// Custom schedule arguments (sigmas, timesteps, Sprint angles).
     pub schedule: ScheduleOptions,
     /// A sampler other than the folder's `scheduler/scheduler_config.json`.
@@ -157,6 +165,7 @@ impl GenerateRequest {
                 num_images: 1,
                 seed: 0,
                 guidance_scale: 4.5,
+                init_image: None,
             }],
             width: 1024,
             height: 1024,
@@ -165,6 +174,7 @@ impl GenerateRequest {
             max_sequence_length: 300,
             complex_human_instruction: true,
             latents: None,
+            strength: None,
             schedule: ScheduleOptions::default(),
             scheduler: None,
         }
@@ -549,6 +559,82 @@ impl SanaPipeline {
         Ok(out)
     }
 
+    /// Checks an edit's images against the request; the first step it runs, `None` for
+    /// text-to-image.
+    fn check_edit(&self, req: &GenerateRequest) -> Result<Option<usize>> {
+        let with_image = req.items.iter().filter(|i| i.init_image.is_some()).count();
+        let Some(strength) = req.strength else {
+            if with_image > 0 {
+                return Err(Error::Unsupported {
+                    field: "strength",
+                    value: "none".into(),
+                    reason: "an edit (an item with an image) needs a strength".into(),
+                });
+            }
+            return Ok(None);
+        };
+        if with_image != req.items.len() {
+            return Err(Error::Unsupported {
+                field: "image",
+                value: format!("{with_image} of {} items", req.items.len()),
+                reason: "every item of an edit needs its image".into(),
+            });
+        }
+        for init in req.items.iter().filter_map(|i| i.init_image.as_ref()) {
+            init.validate()?;
+            if (init.width, init.height) != (req.width, req.height) {
+                return Err(Error::Unsupported {
+                    field: "image",
+                    value: format!("{}x{}", init.width, init.height),
+                    reason: format!(
+                        "the image must have the request's size, {}x{} (resize it first)",
+                        req.width, req.height
+                    ),
+                });
+            }
+        }
+        Ok(Some(first_step(req.steps, strength)?))
+    }
+
+    /// The edit images at the generation size through the encoder (× scaling factor, f32), one
+    /// row per image, and the repaint masks on the latent grid (`None` when no item inpaints).
+    fn edit_latents(
+        &self,
+        req: &GenerateRequest,
+        size: (usize, usize),
+        rows: &[u32],
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let rows = Tensor::new(rows, &self.device)?;
+        let inits: Vec<&InitImage> = req
+            .items
+            .iter()
+            .map(|i| {
+                i.init_image
+                    .as_ref()
+                    .expect("checked by check_edit; this is a bug")
+            })
+            .collect();
+        let images = inits
+            .iter()
+            .map(|i| image_tensor(i, size, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let encoded = self
+            .vae
+            .encode(&Tensor::cat(&images, 0)?.to_dtype(self.vae.dtype())?)?;
+        let latents = (encoded.to_dtype(DType::F32)? * self.vae.config().scaling_factor)?
+            .index_select(&rows, 0)?;
+        let mask = if inits.iter().any(|i| i.mask.is_some()) {
+            let masks = inits
+                .iter()
+                .map(|i| latent_mask(i, size, self.vae_scale_factor(), &self.device))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&masks, 0)?.index_select(&rows, 0)?)
+        } else {
+            None
+        };
+        Ok((latents, mask))
+    }
+
     /// Runs a request; `on_step` sees every step and may stop the generation (then `Ok(None)`).
     pub fn generate(
         &self,
@@ -593,6 +679,7 @@ impl SanaPipeline {
                 "need at least one step".into(),
             ));
         }
+        let begin = self.check_edit(req)?;
         // 1. Size: binning, then the latent grid.
         let (height, width) =
             self.generation_size(req.height, req.width, req.use_resolution_binning);
@@ -671,13 +758,26 @@ impl SanaPipeline {
             }
             None => seeded_noise(&seeds, (channels, lh, lw), 0, &self.device)?,
         };
-        // 5. Sample.
+        // 5. Edits: the images encoded (one row per image) and their masks on the latent grid.
+        let edit_inputs = match begin {
+            Some(begin) => Some((begin, self.edit_latents(req, (width, height), &rows)?)),
+            None => None,
+        };
+        // 6. Sample.
         let sampling = Sampling {
             scheduler: req.scheduler.as_ref().unwrap_or(&self.scheduler),
             steps: req.steps,
             schedule: req.schedule.clone(),
             guidance: &guidance,
             cfg,
+            edit: edit_inputs
+                .as_ref()
+                .map(|(begin, (latents, mask))| EditStart {
+                    image_latents: latents,
+                    mask: mask.as_ref(),
+                    begin: *begin,
+                    pure_noise: req.strength.is_some_and(|s| s >= 1.0),
+                }),
         };
         let device = self.device.clone();
         let mut noise =
@@ -719,7 +819,16 @@ impl SanaPipeline {
             return Ok(None);
         };
         // 6. Decode, resize back to the requested size, RGB8.
-        let pixels = self.decode_to_rgb8(&latents, req.height, req.width)?;
+        let mut pixels = self.decode_to_rgb8(&latents, req.height, req.width)?;
+        let inits = req
+            .items
+            .iter()
+            .flat_map(|item| std::iter::repeat_n(item.init_image.as_ref(), item.num_images));
+        for (rgb8, init) in pixels.iter_mut().zip(inits) {
+            if let Some(init) = init.filter(|i| i.mask.is_some() && i.preserve_unmasked) {
+                paste_unmasked(rgb8, init);
+            }
+        }
         if let (Some(t), Some(m)) = (times, mark) {
             t.steps = step_times;
             t.decode = clock(&self.device)? - m;

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-use crate::scheduler::{SCMScheduler, ScheduleOptions, SchedulerConfig};
+use super::edit::{blend, EditStart};
+use crate::scheduler::{SCMScheduler, ScheduleOptions, Scheduler, SchedulerConfig};
 use crate::transformer::{CaptionContext, SanaTransformer2DModel};
 use crate::{Error, Result};
 
@@ -73,6 +74,47 @@ pub struct Sampling<'a> {
     pub guidance: &'a [f32],
     /// Classifier-free guidance: the caption context holds `[negative; positive]` (2B rows).
     pub cfg: bool,
+    /// Image-to-image or inpainting: where the loop starts and what it keeps.
+    pub edit: Option<EditStart<'a>>,
+}
+
+/// The edit's first step and starting sample: `noise` (the loop's initial draw) mixed with the
+/// image latents at the first step's noise level, in the space the loop samples in (`scale`:
+/// σ_d for Sprint, 1 for the flow loops).
+fn start(
+    sched: &mut dyn Scheduler,
+    edit: &EditStart,
+    noise: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    sched.begin_at(edit.begin)?;
+    let noise = (noise.to_dtype(DType::F32)? * scale)?;
+    if edit.pure_noise {
+        return Ok(noise);
+    }
+    Ok(sched.noise_to(&(edit.image_latents * scale)?, &noise, edit.begin)?)
+}
+
+/// After step `k` (absolute): the kept region of inpainted rows back to the image latents noised
+/// to the next step's level with the initial noise, or clean after the last step.
+fn keep_unmasked(
+    sched: &dyn Scheduler,
+    edit: &EditStart,
+    noise: &Tensor,
+    x: Tensor,
+    k: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let Some(mask) = edit.mask else {
+        return Ok(x);
+    };
+    let z = (edit.image_latents * scale)?;
+    let kept = if k + 1 < sched.num_steps() {
+        sched.noise_to(&z, &(noise.to_dtype(DType::F32)? * scale)?, k + 1)?
+    } else {
+        z
+    };
+    blend(&kept, &x, mask)
 }
 
 /// Runs SanaPipeline's loop from `latents` (`[B, C, h, w]`, f32) → final latents (f32), or `None`
@@ -95,10 +137,15 @@ pub fn denoise(
     let device = latents.device().clone();
     // [B, 1, 1, 1] so each item gets its own guidance scale.
     let g = Tensor::from_slice(sampling.guidance, (b, 1, 1, 1), &device)?;
-    let mut x = latents.to_dtype(DType::F32)?;
-    let timesteps = sched.timesteps().to_vec();
+    let mut x = match &sampling.edit {
+        Some(edit) => start(sched.as_mut(), edit, &latents, 1.0)?,
+        None => latents.to_dtype(DType::F32)?,
+    };
+    let begin = sched.step_index();
+    let timesteps = sched.timesteps()[begin..].to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
-        let _span = tracing::debug_span!("denoise_step", step = i).entered();
+        let k = begin + i;
+        let _span = tracing::debug_span!("denoise_step", step = k).entered();
         let rows = if sampling.cfg { 2 * b } else { b };
         let x_in = if sampling.cfg {
             Tensor::cat(&[&x, &x], 0)?
@@ -119,11 +166,14 @@ pub fn denoise(
             v = v.narrow(1, 0, c)?;
         }
         let step_noise = if sched.needs_noise() {
-            Some(noise(i)?)
+            Some(noise(k)?)
         } else {
             None
         };
         x = sched.step(&v, &x, step_noise.as_ref())?;
+        if let Some(edit) = &sampling.edit {
+            x = keep_unmasked(sched.as_ref(), edit, &latents, x, k, 1.0)?;
+        }
         let predicted = sched.pred_original_sample()?;
         if on_step(StepInfo {
             step: i + 1,
@@ -178,11 +228,25 @@ pub fn denoise_sprint(
         .to_dtype(guidance_dtype)?
         * cfg.guidance_embeds_scale)?
         .to_dtype(DType::F32)?;
-    let mut x = (latents.to_dtype(DType::F32)? * sigma_data)?;
-    let angles = sched.timesteps().to_vec();
+    let mut x = match &sampling.edit {
+        // SanaSprintImg2ImgPipeline: cos θ·(z·σ_d) + sin θ·(ε·σ_d) at the first angle run.
+        Some(edit) => start(
+            sched.as_mut(),
+            &EditStart {
+                pure_noise: false,
+                ..edit.clone()
+            },
+            &latents,
+            sigma_data,
+        )?,
+        None => (latents.to_dtype(DType::F32)? * sigma_data)?,
+    };
+    let begin = sched.step_index();
+    let angles = sched.timesteps()[begin..].to_vec();
     let mut denoised = None;
     for (i, &theta) in angles.iter().enumerate() {
-        let _span = tracing::debug_span!("sprint_step", step = i).entered();
+        let k = begin + i;
+        let _span = tracing::debug_span!("sprint_step", step = k).entered();
         // Flow time s = sin θ / (cos θ + sin θ), in f32 like the reference.
         let th = theta as f32;
         let s = th.sin() / (th.cos() + th.sin());
@@ -197,11 +261,14 @@ pub fn denoise_sprint(
             / norm as f64)?;
         let f = (f * sigma_data)?;
         let step_noise = if sched.needs_noise() {
-            Some(noise(i)?)
+            Some(noise(k)?)
         } else {
             None
         };
         x = sched.step(&f, &x, step_noise.as_ref())?;
+        if let Some(edit) = &sampling.edit {
+            x = keep_unmasked(sched.as_ref(), edit, &latents, x, k, sigma_data)?;
+        }
         denoised = sched.pred_original_sample()?;
         let preview = match &denoised {
             Some(d) => Some((d / sigma_data)?),
@@ -221,7 +288,14 @@ pub fn denoise_sprint(
             "Sprint sampling needs at least one step".into(),
         ))
     })?;
-    Ok(Some((denoised / sigma_data)?))
+    let out = (denoised / sigma_data)?;
+    // The output is the last clean prediction, not the sample: inpainting keeps the image there.
+    Ok(Some(
+        match sampling.edit.as_ref().and_then(|e| e.mask.map(|m| (e, m))) {
+            Some((edit, mask)) => blend(edit.image_latents, &out, mask)?,
+            None => out,
+        },
+    ))
 }
 
 fn check_guidance(guidance: &[f32], batch: usize) -> Result<()> {

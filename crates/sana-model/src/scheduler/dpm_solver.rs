@@ -11,8 +11,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::{
-    as_f32, de_f64, invalid, lincomb2, np_linspace, unsupported, Result, ScheduleOptions,
-    Scheduler, SchedulerError,
+    as_f32, check_begin, de_f64, invalid, lincomb2, np_linspace, unsupported, Result,
+    ScheduleOptions, Scheduler, SchedulerError,
 };
 
 /// `scheduler_config.json` of a `DPMSolverMultistepScheduler`; field names and defaults as the
@@ -247,6 +247,8 @@ pub struct DPMSolverMultistepScheduler {
     /// f32 sigmas (as f64), one per step plus the final one.
     sigmas: Vec<f64>,
     step_index: usize,
+    /// The step the schedule began at ([`Scheduler::begin_at`]; 0 for text-to-image).
+    begin: usize,
     /// Data predictions x₀ of the last `solver_order` steps, oldest first (diffusers' `model_outputs`).
     model_outputs: Vec<Option<Tensor>>,
 }
@@ -328,6 +330,7 @@ impl DPMSolverMultistepScheduler {
             timesteps,
             sigmas,
             step_index: 0,
+            begin: 0,
         })
     }
 
@@ -422,7 +425,9 @@ impl Scheduler for DPMSolverMultistepScheduler {
     fn order_at(&self, step: usize) -> usize {
         let c = &self.config;
         let n = self.timesteps.len();
-        let lower_order_nums = step.min(c.solver_order);
+        // Earlier data predictions at hand (diffusers' `lower_order_nums`, which counts from the
+        // first step run, not from the start of the schedule).
+        let lower_order_nums = step.saturating_sub(self.begin).min(c.solver_order);
         let final_step = step + 1 == n
             && (c.euler_at_final
                 || (c.lower_order_final && n < 15)
@@ -471,5 +476,12 @@ impl Scheduler for DPMSolverMultistepScheduler {
 
     fn pred_original_sample(&self) -> Result<Option<Tensor>> {
         Ok(self.model_outputs.last().cloned().flatten())
+    }
+
+    fn begin_at(&mut self, index: usize) -> Result<()> {
+        check_begin(self.name(), self.step_index, index, self.timesteps.len())?;
+        self.step_index = index;
+        self.begin = index;
+        Ok(())
     }
 }

@@ -11,8 +11,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::{
-    as_f32, de_f64, invalid, lincomb2, np_linspace, unsupported, Result, ScheduleOptions,
-    Scheduler, SchedulerError,
+    as_f32, check_begin, de_f64, invalid, lincomb2, np_linspace, unsupported, Result,
+    ScheduleOptions, Scheduler, SchedulerError,
 };
 
 /// `scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`; field names and defaults as the
@@ -357,5 +357,11 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
             .as_ref()
             .map(|(x, v, sigma)| Ok((x - v.affine(*sigma, 0.0)?)?))
             .transpose()
+    }
+
+    fn begin_at(&mut self, index: usize) -> Result<()> {
+        check_begin(self.name(), self.step_index, index, self.timesteps.len())?;
+        self.step_index = index;
+        Ok(())
     }
 }

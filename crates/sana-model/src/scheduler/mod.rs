@@ -150,6 +150,47 @@ pub trait Scheduler: Send + std::fmt::Debug {
     /// The clean-sample prediction x₀ of the last completed step (for previews), `None` before the
     /// first step.
     fn pred_original_sample(&self) -> Result<Option<Tensor>>;
+
+    /// Starts a fresh schedule at step `index` instead of 0 (diffusers' `set_begin_index` before
+    /// the first step): image-to-image runs the last `num_steps() − index` steps. A multistep solver
+    /// ramps its order up again from there, as diffusers' does (its history starts empty), while
+    /// the end-of-schedule rules still count the whole schedule.
+    fn begin_at(&mut self, index: usize) -> Result<()>;
+
+    /// `x0` noised to the level at schedule index `index` (`sigmas()[index]`) with `noise`, as the
+    /// sampler's forward process defines it: the flow samplers `(1 − σ)·x0 + σ·noise` (diffusers'
+    /// `FlowMatchEulerDiscreteScheduler.scale_noise`, `DPMSolverMultistepScheduler.add_noise` with
+    /// flow sigmas), SCM `cos θ·x0 + sin θ·noise` (its TrigFlow interpolation; both operands are
+    /// then in the σ_d-scaled space the Sprint loop runs in). f32.
+    fn noise_to(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = *self.sigmas().get(index).ok_or_else(|| {
+            invalid(
+                "index",
+                index,
+                &format!("the schedule has {} noise levels", self.sigmas().len()),
+            )
+        })?;
+        lincomb2(1.0 - sigma, &as_f32(x0)?, sigma, &as_f32(noise)?)
+    }
+}
+
+/// Checks a begin index against a fresh schedule of `steps` steps.
+fn check_begin(name: &'static str, step_index: usize, index: usize, steps: usize) -> Result<()> {
+    if step_index != 0 {
+        return Err(invalid(
+            "begin_index",
+            index,
+            &format!("{name}: the schedule has already run {step_index} steps"),
+        ));
+    }
+    if index >= steps {
+        return Err(invalid(
+            "begin_index",
+            index,
+            &format!("{name}: must leave at least one of the {steps} steps to run"),
+        ));
+    }
+    Ok(())
 }
 
 /// Arguments of diffusers' `set_timesteps` beyond the number of steps. Each scheduler refuses the

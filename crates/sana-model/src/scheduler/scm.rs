@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::{
-    as_f32, de_f64, invalid, lincomb2, unsupported, Result, ScheduleOptions, Scheduler,
-    SchedulerError,
+    as_f32, check_begin, de_f64, invalid, lincomb2, unsupported, Result, ScheduleOptions,
+    Scheduler, SchedulerError,
 };
 
 /// `scheduler_config.json` of an `SCMScheduler`; field names and defaults as the diffusers
@@ -232,5 +232,28 @@ impl Scheduler for SCMScheduler {
 
     fn pred_original_sample(&self) -> Result<Option<Tensor>> {
         Ok(self.pred_x0.clone())
+    }
+
+    fn begin_at(&mut self, index: usize) -> Result<()> {
+        check_begin(self.name(), self.step_index, index, self.angles.len() - 1)?;
+        self.step_index = index;
+        Ok(())
+    }
+
+    /// TrigFlow: `cos θ·x0 + sin θ·noise` with torch's f32 cos/sin of the f32 angle.
+    fn noise_to(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let theta = *self.angles.get(index).ok_or_else(|| {
+            invalid(
+                "index",
+                index,
+                &format!("the schedule has {} angles", self.angles.len()),
+            )
+        })? as f32;
+        lincomb2(
+            f64::from(theta.cos()),
+            &as_f32(x0)?,
+            f64::from(theta.sin()),
+            &as_f32(noise)?,
+        )
     }
 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod autoencoder;
+mod edits;
 mod image;
 mod nvlabs;
 mod pipeline;

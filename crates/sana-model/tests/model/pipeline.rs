@@ -51,7 +51,7 @@ fn assemble(name: &str) -> PathBuf {
     dir
 }
 
-fn pipeline(name: &str) -> SanaPipeline {
+pub(crate) fn pipeline(name: &str) -> SanaPipeline {
     SanaPipeline::load(&assemble(name), &LoadOptions::new(common::device())).unwrap()
 }
 
@@ -73,6 +73,7 @@ fn case(name: &str, case: &str) -> (GenerateRequest, Tensor) {
             num_images: n,
             seed: 0,
             guidance_scale: c["guidance_scale"].as_f64().unwrap() as f32,
+            init_image: None,
         })
         .collect();
     req.height = c["height"].as_u64().unwrap() as usize;
@@ -96,7 +97,7 @@ fn case(name: &str, case: &str) -> (GenerateRequest, Tensor) {
     (req, t[&format!("{case}.images")].clone())
 }
 
-fn run(pipe: &SanaPipeline, req: &GenerateRequest) -> Vec<Vec<u8>> {
+pub(crate) fn run(pipe: &SanaPipeline, req: &GenerateRequest) -> Vec<Vec<u8>> {
     pipe.generate(req, &mut |_| Flow::Continue)
         .unwrap()
         .expect("not cancelled")
@@ -106,7 +107,7 @@ fn run(pipe: &SanaPipeline, req: &GenerateRequest) -> Vec<Vec<u8>> {
 }
 
 /// Every pixel of `ours` within `tol` of the reference `[B, H, W, 3]` u8.
-fn assert_pixels(label: &str, ours: &[Vec<u8>], reference: &Tensor, tol: u8) {
+pub(crate) fn assert_pixels(label: &str, ours: &[Vec<u8>], reference: &Tensor, tol: u8) {
     let b = reference.dim(0).unwrap();
     assert_eq!(ours.len(), b, "{label}: image count");
     let mut worst = 0u8;
@@ -237,6 +238,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
             steps,
             sampler,
             cfg: true,
+            strength_permille: None,
         },
         items: vec![
             BatchItem {
@@ -246,6 +248,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
                 seed: 5,
                 guidance_scale: 4.5,
                 previews: 1,
+                edit: None,
             },
             BatchItem {
                 prompt: "a blue square on the left".into(),
@@ -254,6 +257,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
                 seed: 9,
                 guidance_scale: 2.0,
                 previews: 0,
+                edit: None,
             },
         ],
     }

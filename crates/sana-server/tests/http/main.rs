@@ -7,6 +7,7 @@
 mod auth;
 mod cancel;
 mod common;
+mod edits;
 mod errors;
 mod images;
 mod ops;

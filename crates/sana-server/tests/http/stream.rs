@@ -50,6 +50,7 @@ fn key(width: u32, height: u32, steps: u32) -> BatchKey {
         steps,
         sampler: model_info().default_sampler,
         cfg: true,
+        strength_permille: None,
     }
 }
 
