@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -152,10 +153,14 @@ def instrument(pipe, device: str):
     pipe.image_processor.resize_and_crop_tensor = synced("decode", pipe.image_processor.resize_and_crop_tensor)
 
     def report():
-        return dict(encode_ms=round(sum(stages["encode"]), 3), step_ms_mean=round(statistics.mean(stages["step"]), 3),
-                    decode_ms=round(sum(stages["decode"]), 3))
+        out = dict(encode_ms=round(sum(stages["encode"]), 3), step_ms_mean=round(statistics.mean(stages["step"]), 3),
+                   decode_ms=round(sum(stages["decode"]), 3))
+        if "image_encode" in stages:
+            out["_extra"] = {"image_encode": stages["image_encode"]}
+        return out
 
     report.clear = stages.clear
+    report.stages = stages
     return report
 
 
@@ -221,6 +226,115 @@ def pipeline_setup(args: argparse.Namespace):
     return run
 
 
+def edit_args(parser: argparse.ArgumentParser):
+    pipeline_args(parser)
+    parser.add_argument("--sprint-config", required=True, help="a SANA-Sprint transformer config")
+    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--sprint-strength", type=float, default=0.5)
+
+
+def edit_setup(args: argparse.Namespace):
+    """Image-to-image and inpainting with SanaPipeline's own loop and SD3's two additions (the schedule started at
+    get_timesteps' step with the image latents noised by the scheduler's add_noise; the inpainting blend after every
+    step as a callback), as tools/fixtures/edits.py builds the parity references; and SanaSprintImg2ImgPipeline.
+    Rows: kind = img2img, inpaint, sprint_img2img; stages as `pipeline`, plus the image encode."""
+    import PIL.Image
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaSprintImg2ImgPipeline
+    from diffusers import SanaTransformer2DModel, SCMScheduler
+    from diffusers.pipelines.sana import pipeline_sana
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    def load(path):
+        with open(path) as f:
+            return json.load(f)
+
+    size = args.size[0]
+    text_encoder = Gemma2Model(Gemma2Config(**load(args.text_encoder_config), attn_implementation="eager")).eval()
+    vae = AutoencoderDC.from_config(load(args.vae_config)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    sana = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                        transformer=SanaTransformer2DModel.from_config(load(args.transformer_config)).eval(),
+                        scheduler=DPMSolverMultistepScheduler.from_config(load(args.scheduler_config)))
+    sprint = SanaSprintImg2ImgPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                       transformer=SanaTransformer2DModel.from_config(load(args.sprint_config)).eval(),
+                                       scheduler=SCMScheduler(sigma_data=0.5))
+    reports = {}
+    for name, pipe in [("sana", sana), ("sprint", sprint)]:
+        pipe.set_progress_bar_config(disable=True)
+        reports[name] = instrument(pipe, "cpu")
+        pipe.vae.encode = _synced_into(reports[name], "image_encode", pipe.vae.encode)
+    x = np.linspace(0, 255, size, dtype=np.float32)
+    picture = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 96.0)], -1)
+    image = PIL.Image.fromarray(picture.astype(np.uint8))
+    mask = np.zeros((size // 32, size // 32), np.float32)
+    mask[:, size // 64:] = 1.0
+    mask = torch.from_numpy(mask)[None, None]
+    row = {}
+    original = pipeline_sana.retrieve_timesteps
+
+    def run(steps=None):
+        kind = row["kind"]
+        if kind == "sprint_img2img":
+            reports["sprint"].clear()
+            sprint(args.prompt, image=image, strength=args.sprint_strength, num_inference_steps=2, height=size,
+                   width=size, use_resolution_binning=False, guidance_scale=4.5, output_type="pil")
+            return
+        report = reports["sana"]
+        report.clear()
+        steps = steps or args.steps
+        t_start = int(max(steps - min(steps * args.strength, steps), 0))
+        sched = sana.scheduler
+        with torch.no_grad():
+            pixels = sana.image_processor.preprocess(image, height=size, width=size)
+            z = sana.vae.encode(pixels).latent * sana.vae.config.scaling_factor
+        noise = torch.randn(z.shape)
+        sched.set_timesteps(steps)
+        sched.set_begin_index(t_start)
+        start = sched.add_noise(z, noise, sched.timesteps[t_start:t_start + 1])
+
+        def sliced(s, n, device, timesteps=None, sigmas=None, **kwargs):
+            full, _ = original(s, n, device, timesteps, sigmas, **kwargs)
+            s.set_begin_index(t_start)
+            return full[t_start:], len(full) - t_start
+
+        def blend(p, i, t, kwargs):
+            ts = p.scheduler.timesteps[t_start:]
+            proper = z if i == len(ts) - 1 else p.scheduler.add_noise(z, noise, torch.tensor([ts[i + 1]]))
+            return {"latents": (1 - mask) * proper + mask * kwargs["latents"]}
+
+        pipeline_sana.retrieve_timesteps = sliced
+        try:
+            sana(args.prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=4.5,
+                 use_resolution_binning=False, latents=start, output_type="pil",
+                 callback_on_step_end=blend if kind == "inpaint" else None)
+        finally:
+            pipeline_sana.retrieve_timesteps = original
+
+    def rows():
+        for kind in ["img2img", "inpaint", "sprint_img2img"]:
+            row.update(kind=kind)
+            yield dict(row)
+
+    def report():
+        r = reports["sprint" if row["kind"] == "sprint_img2img" else "sana"]()
+        r["image_encode_ms"] = round(sum(r.pop("_extra", {}).get("image_encode", [])), 3)
+        return r
+
+    run.report = report
+    run.rows = rows
+    return run
+
+
+def _synced_into(report, name, fn):
+    """Adds fn's time to `report`'s stages under `name` (CPU: no device to synchronise)."""
+    def wrapper(*a, **k):
+        start = time.perf_counter()
+        out = fn(*a, **k)
+        report.stages.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+        return out
+    return wrapper
+
+
 def model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--model", required=True, help="a diffusers SanaPipeline folder")
     parser.add_argument("--size", type=int, required=True)
@@ -257,6 +371,7 @@ PARTS = {
     "vae": (vae_args, vae_setup, "diffusers"),
     "text-encoder": (text_encoder_args, text_encoder_setup, "diffusers"),
     "pipeline": (pipeline_args, pipeline_setup, "diffusers"),
+    "edit": (edit_args, edit_setup, "diffusers"),
     "model": (model_args, model_setup, "diffusers"),
 }
 

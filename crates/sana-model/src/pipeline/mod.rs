@@ -241,6 +241,8 @@ pub struct StageTimes {
     /// The caption context, once per generation: caption projection and norm, and every block's
     /// cross-attention keys and values (diffusers recomputes these inside every step).
     pub caption: std::time::Duration,
+    /// Edits: the images through the autoencoder's encoder and the masks to the latent grid.
+    pub image_encode: std::time::Duration,
     /// Each denoising step (transformer forward, guidance, sampler update).
     pub steps: Vec<std::time::Duration>,
     /// Decoding, resize back to the requested size, RGB8.
@@ -763,6 +765,11 @@ impl SanaPipeline {
             Some(begin) => Some((begin, self.edit_latents(req, (width, height), &rows)?)),
             None => None,
         };
+        if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
+            let now = clock(&self.device)?;
+            t.image_encode = now - *m;
+            *m = now;
+        }
         // 6. Sample.
         let sampling = Sampling {
             scheduler: req.scheduler.as_ref().unwrap_or(&self.scheduler),

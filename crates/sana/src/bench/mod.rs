@@ -14,10 +14,12 @@ use sana_model::ops::depthwise_conv2d;
 use sana_model::transformer::{SanaTransformer2DModel, SanaTransformerConfig, TransformerInput};
 use sana_model::weights::{random_var_builder, read_config};
 
+mod edit;
 mod http;
 mod pipeline;
 mod text_encoder;
 
+use edit::EditBench;
 use http::HttpBench;
 use pipeline::{ModelBench, PipelineBench};
 use text_encoder::TextEncoderBench;
@@ -89,6 +91,10 @@ enum Part {
     /// The whole SanaPipeline (prompt → image) of real configs (random weights), f32 on CPU, with
     /// the time of each stage.
     Pipeline(PipelineBench),
+    /// Image-to-image and inpainting of real configs (random weights), f32 on CPU: what an edit
+    /// costs against text-to-image, beside diffusers (SanaPipeline's loop with SD3's edit steps,
+    /// and SanaSprintImg2ImgPipeline).
+    Edit(EditBench),
     /// A load test of a running `sana serve`: many clients posting generations at once; checks
     /// every answer and reports images/s and latency percentiles.
     Http(HttpBench),
@@ -238,6 +244,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Part::TextEncoder(bench) => bench.run(&args)?,
         Part::Pipeline(bench) => bench.run(&args)?,
+        Part::Edit(bench) => bench.run(&args)?,
         Part::Model(bench) => bench.run(&args)?,
         Part::Http(bench) => bench.run()?,
         Part::Vae {

@@ -231,7 +231,7 @@ impl PipelineBench {
 /// `req` through the pipeline `warmup` times untimed, then `repeat` times: mean and fastest
 /// milliseconds, and the stages of the last run. Every run starts with the text encoder's caches
 /// empty (no cached prompt, no cached instruction prefix), so it does the work diffusers does.
-fn time_generate(
+pub(super) fn time_generate(
     pipe: &sana_model::pipeline::SanaPipeline,
     req: &sana_model::pipeline::GenerateRequest,
     warmup: usize,
@@ -254,7 +254,7 @@ fn time_generate(
 /// the same work on both sides: our caption context (projection and cross-attention keys/values,
 /// once per generation) is on no row of its own against diffusers, which computes it inside every
 /// step, so the step row carries it amortised over the steps.
-fn print_stages(
+pub(super) fn print_stages(
     times: &sana_model::pipeline::StageTimes,
     total_ms: f64,
     reference: Option<&serde_json::Value>,
@@ -275,6 +275,11 @@ fn print_stages(
             step_mean + caption / n,
         ),
         (
+            "image encode (DC-AE encoder)",
+            Some("image_encode_ms"),
+            ms(times.image_encode),
+        ),
+        (
             "decode (DC-AE + postprocess)",
             Some("decode_ms"),
             ms(times.decode),
@@ -284,6 +289,9 @@ fn print_stages(
         ("  of which: step alone (mean)", None, step_mean),
     ];
     for (stage, key, t) in rows {
+        if key == Some("image_encode_ms") && times.image_encode.is_zero() {
+            continue;
+        }
         match key.and_then(|k| reference.and_then(|v| v[k].as_f64())) {
             Some(r) => println!(
                 "  {stage:34} ours {t:10.1} ms | diffusers {r:10.1} ms | ratio {:.2}",
