@@ -195,6 +195,7 @@ impl Backend for SanaBackend {
         req.strength = key.strength_permille.map(|p| f64::from(p) / 1000.0);
         req.scheduler = self.scheduler_for(key.sampler)?;
         req.complex_human_instruction = self.pipe.defaults().complex_human_instruction;
+        req.max_sequence_length = self.pipe.defaults().max_sequence_length;
         let mut failure = None;
         let result = self.pipe.generate(&req, &mut |p| {
             let (step, steps) = (p.step as u32, p.steps as u32);

@@ -49,6 +49,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_VAE")]
     pub vae: Option<String>,
 
+    /// With a `.pth` `--model`: prepend diffusers' default complex human instruction instead of
+    /// the YAML's `text_encoder.chi_prompt` (NVlabs' inference uses the YAML's, or none without
+    /// one; the two texts differ in quoting).
+    #[arg(long, env = "SANA_DIFFUSERS_INSTRUCTION")]
+    pub diffusers_instruction: bool,
+
     /// Weights dtype: `auto` (f32 on CPU; on CUDA bf16, or f16 for fp16-trained checkpoints),
     /// `f32`, `bf16` or `f16`. Read by the binary that builds the backend.
     #[arg(long, env = "SANA_DTYPE", default_value = "auto",

@@ -62,8 +62,13 @@ pub struct GenerateArgs {
     /// Generate at exactly --width x --height instead of the nearest trained aspect ratio.
     #[arg(long)]
     no_resolution_binning: bool,
-    #[arg(long, default_value_t = 300)]
-    max_sequence_length: usize,
+    /// Tokens kept per prompt (default: the model's, 300; an NVlabs YAML's `model_max_length`).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// With a `.pth` --model: prepend diffusers' default instruction instead of the YAML's
+    /// `text_encoder.chi_prompt`.
+    #[arg(long)]
+    diffusers_instruction: bool,
     /// Do not prepend the complex human instruction to the prompt (models trained without it,
     /// such as sana-tiny-scenes, never get it).
     #[arg(long)]
@@ -241,6 +246,7 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         text_encoder: args.text_encoder.clone(),
         vae: args.vae.clone(),
         variant: args.variant.clone(),
+        diffusers_instruction: args.diffusers_instruction,
     };
     let (resolved, _) = spec.resolve()?;
     let pipe = resolved.load(&device, &args.dtype, args.variant.as_deref())?;
@@ -322,7 +328,9 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         height,
         steps,
         use_resolution_binning: !args.no_resolution_binning,
-        max_sequence_length: args.max_sequence_length,
+        max_sequence_length: args
+            .max_sequence_length
+            .unwrap_or(defaults.max_sequence_length),
         complex_human_instruction: defaults.complex_human_instruction
             && !args.no_complex_human_instruction,
         latents,

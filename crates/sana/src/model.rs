@@ -22,6 +22,8 @@ pub struct ModelSpec {
     pub vae: Option<String>,
     /// Weight-file variant (`fp16`, `bf16`) to download from the Hub where a model has one.
     pub variant: Option<String>,
+    /// With a `.pth`: diffusers' default instruction instead of the YAML's `chi_prompt`.
+    pub diffusers_instruction: bool,
 }
 
 /// Local files of a pipeline, ready to load on any device.
@@ -35,6 +37,7 @@ pub enum Resolved {
         yaml: PathBuf,
         text_encoder: PathBuf,
         vae: PathBuf,
+        diffusers_instruction: bool,
     },
 }
 
@@ -46,6 +49,7 @@ impl ModelSpec {
             text_encoder: None,
             vae: None,
             variant: None,
+            diffusers_instruction: false,
         }
     }
 
@@ -56,9 +60,12 @@ impl ModelSpec {
             .extension()
             .is_some_and(|e| e == "pth" || e == "pt");
         if !is_pth
-            && (self.model_config.is_some() || self.vae.is_some() || self.text_encoder.is_some())
+            && (self.model_config.is_some()
+                || self.vae.is_some()
+                || self.text_encoder.is_some()
+                || self.diffusers_instruction)
         {
-            bail!("--model-config, --text-encoder and --vae go with an NVlabs .pth --model; {spec} is not one");
+            bail!("--model-config, --text-encoder, --vae and --diffusers-instruction go with an NVlabs .pth --model; {spec} is not one");
         }
         if spec == sana_scenes::MODEL_ID {
             let root = sana_scenes::materialize().context("the embedded model")?;
@@ -91,6 +98,7 @@ impl ModelSpec {
                     yaml,
                     text_encoder,
                     vae,
+                    diffusers_instruction: self.diffusers_instruction,
                 },
                 id,
             ));
@@ -128,8 +136,18 @@ impl Resolved {
                 yaml,
                 text_encoder,
                 vae,
-            } => SanaPipeline::load_nvlabs(pth, yaml, text_encoder, vae, &opts)
-                .with_context(|| format!("loading {}", pth.display())),
+                diffusers_instruction,
+            } => SanaPipeline::load_nvlabs(
+                pth,
+                yaml,
+                text_encoder,
+                vae,
+                &LoadOptions {
+                    diffusers_instruction: *diffusers_instruction,
+                    ..opts
+                },
+            )
+            .with_context(|| format!("loading {}", pth.display())),
         }
     }
 }

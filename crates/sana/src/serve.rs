@@ -16,6 +16,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         text_encoder: args.text_encoder.clone(),
         vae: args.vae.clone(),
         variant: args.variant.clone(),
+        diffusers_instruction: args.diffusers_instruction,
     };
     let max_batch_images = args.max_batch_images;
     let (dtype, variant) = (args.dtype.clone(), args.variant.clone());

@@ -15,8 +15,9 @@
 //! Beyond diffusers: the output keeps the original's unmasked pixels, blended in over a short
 //! feather ([`paste_unmasked`]), unless the request turns that off.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use super::{GenerateRequest, SanaPipeline};
 use crate::{Error, Result};
 
 /// Width in pixels of the blend between generated and original pixels around an inpainted area.
@@ -233,6 +234,84 @@ pub struct EditStart<'a> {
 pub(crate) fn blend(kept: &Tensor, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let inv = mask.affine(-1.0, 1.0)?;
     Ok((kept.broadcast_mul(&inv)? + x.broadcast_mul(mask)?)?)
+}
+
+impl SanaPipeline {
+    /// Checks an edit's images against the request; the first step it runs, `None` for
+    /// text-to-image.
+    pub(super) fn check_edit(&self, req: &GenerateRequest) -> Result<Option<usize>> {
+        let with_image = req.items.iter().filter(|i| i.init_image.is_some()).count();
+        let Some(strength) = req.strength else {
+            if with_image > 0 {
+                return Err(Error::Unsupported {
+                    field: "strength",
+                    value: "none".into(),
+                    reason: "an edit (an item with an image) needs a strength".into(),
+                });
+            }
+            return Ok(None);
+        };
+        if with_image != req.items.len() {
+            return Err(Error::Unsupported {
+                field: "image",
+                value: format!("{with_image} of {} items", req.items.len()),
+                reason: "every item of an edit needs its image".into(),
+            });
+        }
+        for init in req.items.iter().filter_map(|i| i.init_image.as_ref()) {
+            init.validate()?;
+            if (init.width, init.height) != (req.width, req.height) {
+                return Err(Error::Unsupported {
+                    field: "image",
+                    value: format!("{}x{}", init.width, init.height),
+                    reason: format!(
+                        "the image must have the request's size, {}x{} (resize it first)",
+                        req.width, req.height
+                    ),
+                });
+            }
+        }
+        Ok(Some(first_step(req.steps, strength)?))
+    }
+
+    /// The edit images at the generation size through the encoder (× scaling factor, f32), one
+    /// row per image, and the repaint masks on the latent grid (`None` when no item inpaints).
+    pub(super) fn edit_latents(
+        &self,
+        req: &GenerateRequest,
+        size: (usize, usize),
+        rows: &[u32],
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let rows = Tensor::new(rows, &self.device)?;
+        let inits: Vec<&InitImage> = req
+            .items
+            .iter()
+            .map(|i| {
+                i.init_image
+                    .as_ref()
+                    .expect("checked by check_edit; this is a bug")
+            })
+            .collect();
+        let images = inits
+            .iter()
+            .map(|i| image_tensor(i, size, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let encoded = self
+            .vae
+            .encode(&Tensor::cat(&images, 0)?.to_dtype(self.vae.dtype())?)?;
+        let latents = (encoded.to_dtype(DType::F32)? * self.vae.config().scaling_factor)?
+            .index_select(&rows, 0)?;
+        let mask = if inits.iter().any(|i| i.mask.is_some()) {
+            let masks = inits
+                .iter()
+                .map(|i| latent_mask(i, size, self.vae_scale_factor(), &self.device))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&masks, 0)?.index_select(&rows, 0)?)
+        } else {
+            None
+        };
+        Ok((latents, mask))
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::text_encoder::{PromptEmbeds, SanaTextEncoder};
 use crate::transformer::SanaTransformer2DModel;
 use crate::weights::read_config;
 use crate::{Error, Result};
-use edit::{first_step, image_tensor, latent_mask, paste_unmasked, EditStart, InitImage};
+use edit::{paste_unmasked, EditStart, InitImage};
 use sampling::{denoise, denoise_sprint, seeded_noise, Flow, Sampling, StepInfo};
 
 /// Which diffusers pipeline a folder holds (`model_index.json` `_class_name`).
@@ -102,6 +102,10 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Decode in tiles when an un-tiled decode would need more than this many bytes.
     pub decode_budget_bytes: usize,
+    /// NVlabs checkpoints: prepend diffusers' default instruction instead of the YAML's
+    /// `chi_prompt` (the two references differ: NVlabs' quotes "Enhanced prompt" in double
+    /// quotes, and a YAML without one uses none).
+    pub diffusers_instruction: bool,
 }
 
 impl LoadOptions {
@@ -113,6 +117,7 @@ impl LoadOptions {
             precision: None,
             variant: None,
             decode_budget_bytes,
+            diffusers_instruction: false,
         }
     }
 }
@@ -190,6 +195,13 @@ pub struct GenerationDefaults {
     pub guidance_scale: f32,
     /// Prepend the complex human instruction (models trained without it set `false`).
     pub complex_human_instruction: bool,
+    /// Tokens kept per prompt (diffusers' `max_sequence_length`, NVlabs' `model_max_length`).
+    #[serde(default = "default_max_sequence_length")]
+    pub max_sequence_length: usize,
+}
+
+fn default_max_sequence_length() -> usize {
+    300
 }
 
 impl GenerationDefaults {
@@ -202,6 +214,7 @@ impl GenerationDefaults {
             },
             guidance_scale: 4.5,
             complex_human_instruction: true,
+            max_sequence_length: default_max_sequence_length(),
         }
     }
 
@@ -213,10 +226,15 @@ impl GenerationDefaults {
             return Ok(Self::for_kind(kind));
         }
         let defaults: Self = read_config(&path)?;
-        if defaults.steps == 0 || !(defaults.guidance_scale.is_finite()) {
+        if defaults.steps == 0
+            || !(defaults.guidance_scale.is_finite())
+            || defaults.max_sequence_length == 0
+        {
             return Err(Error::Config {
                 path,
-                message: "`steps` must be at least 1 and `guidance_scale` finite".into(),
+                message: "`steps` and `max_sequence_length` must be at least 1 and \
+                          `guidance_scale` finite"
+                    .into(),
             });
         }
         Ok(defaults)
@@ -332,9 +350,12 @@ impl SanaPipeline {
     /// (see [`crate::nvlabs`]), Gemma and its tokenizer from `text_encoder_dir` (a transformers
     /// folder such as `Efficient-Large-Model/gemma-2-2b-it`: `config.json`, weights and
     /// `tokenizer.json` side by side), the DC-AE from `vae_dir` (a diffusers `AutoencoderDC`
-    /// folder), and the sampler the YAML implies ([`crate::nvlabs::NvlabsConfig::scheduler_config`]).
+    /// folder), and, as NVlabs' inference does, the YAML's sampler, instruction (`chi_prompt`;
+    /// none means plain prompts; `opts.diffusers_instruction` uses diffusers' default instead)
+    /// and prompt length (`model_max_length`).
     /// Precision by default: f32 on CPU; on CUDA the transformer in the YAML's `mixed_precision`
-    /// (f16 for fp16-trained models, else bf16), Gemma and the DC-AE in bf16.
+    /// (f16 for fp16-trained models, bf16 for bf16 ones, f32 for fp32), Gemma in bf16 and the
+    /// DC-AE in `vae.weight_dtype` (bf16 when unset).
     pub fn load_nvlabs(
         pth: &Path,
         yaml: &Path,
@@ -348,20 +369,28 @@ impl SanaPipeline {
         } else {
             PipelineKind::Sana
         };
-        let precision = opts.precision.unwrap_or_else(|| {
-            if opts.device.is_cpu() {
-                Precision::default_for(&opts.device, Path::new(""))
-            } else {
-                Precision {
-                    transformer: match nv.model.mixed_precision.as_deref() {
-                        Some("fp16") => DType::F16,
-                        _ => DType::BF16,
-                    },
-                    text_encoder: DType::BF16,
-                    vae: DType::BF16,
-                }
-            }
-        });
+        let gpu_dtype = |field: &'static str, value: Option<&str>| match value {
+            None | Some("bf16" | "bfloat16") => Ok(DType::BF16),
+            Some("fp16" | "float16") => Ok(DType::F16),
+            Some("fp32" | "float32") => Ok(DType::F32),
+            Some(other) => Err(Error::Unsupported {
+                field,
+                value: other.to_string(),
+                reason: "expected fp16, bf16 or fp32".into(),
+            }),
+        };
+        let transformer_dtype =
+            gpu_dtype("model.mixed_precision", nv.model.mixed_precision.as_deref())?;
+        let vae_dtype = gpu_dtype("vae.weight_dtype", nv.vae.weight_dtype.as_deref())?;
+        let precision = match opts.precision {
+            Some(p) => p,
+            None if opts.device.is_cpu() => Precision::default_for(&opts.device, Path::new("")),
+            None => Precision {
+                transformer: transformer_dtype,
+                text_encoder: DType::BF16,
+                vae: vae_dtype,
+            },
+        };
         precision.validate()?;
         let dev = &opts.device;
         let transformer = crate::nvlabs::load_transformer(pth, yaml, precision.transformer, dev)?;
@@ -372,6 +401,21 @@ impl SanaPipeline {
             precision.text_encoder,
             dev,
         )?;
+        let instruction = if opts.diffusers_instruction {
+            Some(
+                crate::text_encoder::DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect(),
+            )
+        } else {
+            nv.instruction()
+        };
+        let lines: Option<Vec<&str>> = instruction
+            .as_ref()
+            .map(|l| l.iter().map(String::as_str).collect());
+        let text_encoder = text_encoder.with_instruction(lines.as_deref());
+        let (scheduler, steps) = nv.scheduler_config()?;
         let expected = transformer.config().in_channels;
         if vae.config().latent_channels != expected {
             return Err(Error::Unsupported {
@@ -390,11 +434,16 @@ impl SanaPipeline {
             text_encoder,
             transformer,
             vae,
-            scheduler: nv.scheduler_config()?,
+            scheduler,
             precision,
             device: opts.device.clone(),
             decode_budget_bytes: opts.decode_budget_bytes,
-            defaults: GenerationDefaults::for_kind(kind),
+            defaults: GenerationDefaults {
+                steps,
+                guidance_scale: 4.5,
+                complex_human_instruction: instruction.is_some(),
+                max_sequence_length: nv.text_encoder.model_max_length,
+            },
         })
     }
 
@@ -559,82 +608,6 @@ impl SanaPipeline {
                 Ok(())
             })?;
         Ok(out)
-    }
-
-    /// Checks an edit's images against the request; the first step it runs, `None` for
-    /// text-to-image.
-    fn check_edit(&self, req: &GenerateRequest) -> Result<Option<usize>> {
-        let with_image = req.items.iter().filter(|i| i.init_image.is_some()).count();
-        let Some(strength) = req.strength else {
-            if with_image > 0 {
-                return Err(Error::Unsupported {
-                    field: "strength",
-                    value: "none".into(),
-                    reason: "an edit (an item with an image) needs a strength".into(),
-                });
-            }
-            return Ok(None);
-        };
-        if with_image != req.items.len() {
-            return Err(Error::Unsupported {
-                field: "image",
-                value: format!("{with_image} of {} items", req.items.len()),
-                reason: "every item of an edit needs its image".into(),
-            });
-        }
-        for init in req.items.iter().filter_map(|i| i.init_image.as_ref()) {
-            init.validate()?;
-            if (init.width, init.height) != (req.width, req.height) {
-                return Err(Error::Unsupported {
-                    field: "image",
-                    value: format!("{}x{}", init.width, init.height),
-                    reason: format!(
-                        "the image must have the request's size, {}x{} (resize it first)",
-                        req.width, req.height
-                    ),
-                });
-            }
-        }
-        Ok(Some(first_step(req.steps, strength)?))
-    }
-
-    /// The edit images at the generation size through the encoder (× scaling factor, f32), one
-    /// row per image, and the repaint masks on the latent grid (`None` when no item inpaints).
-    fn edit_latents(
-        &self,
-        req: &GenerateRequest,
-        size: (usize, usize),
-        rows: &[u32],
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let rows = Tensor::new(rows, &self.device)?;
-        let inits: Vec<&InitImage> = req
-            .items
-            .iter()
-            .map(|i| {
-                i.init_image
-                    .as_ref()
-                    .expect("checked by check_edit; this is a bug")
-            })
-            .collect();
-        let images = inits
-            .iter()
-            .map(|i| image_tensor(i, size, &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        let encoded = self
-            .vae
-            .encode(&Tensor::cat(&images, 0)?.to_dtype(self.vae.dtype())?)?;
-        let latents = (encoded.to_dtype(DType::F32)? * self.vae.config().scaling_factor)?
-            .index_select(&rows, 0)?;
-        let mask = if inits.iter().any(|i| i.mask.is_some()) {
-            let masks = inits
-                .iter()
-                .map(|i| latent_mask(i, size, self.vae_scale_factor(), &self.device))
-                .collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&masks, 0)?.index_select(&rows, 0)?)
-        } else {
-            None
-        };
-        Ok((latents, mask))
     }
 
     /// Runs a request; `on_step` sees every step and may stop the generation (then `Ok(None)`).

@@ -97,6 +97,15 @@ pub struct SanaTransformerConfig {
     /// Not used inside the model: `SanaPipeline` multiplies timesteps by it.
     #[serde(default = "default_one")]
     pub timestep_scale: f64,
+    /// Not a diffusers key (diffusers always has it): the RMSNorm on the projected caption
+    /// (`caption_norm`, NVlabs' `attention_y_norm`). NVlabs models trained with
+    /// `text_encoder.y_norm: false` have none.
+    #[serde(skip, default = "default_true")]
+    pub caption_norm: bool,
+}
+
+pub(super) fn default_true() -> bool {
+    true
 }
 
 pub(super) fn out_channels_default() -> Option<usize> {
@@ -223,7 +232,10 @@ impl SanaTransformerConfig {
         let mut n = self.in_channels * p * p * d + d; // patch_embed
         let t_mlp = lin(256, d, true) + lin(d, d, true);
         n += t_mlp * if self.guidance_embeds { 2 } else { 1 } + lin(d, 6 * d, true);
-        n += lin(self.caption_channels, d, true) + lin(d, d, true) + d; // caption proj + norm
+        n += lin(self.caption_channels, d, true) + lin(d, d, true); // caption projection
+        if self.caption_norm {
+            n += d;
+        }
         let mut block = 6 * d;
         block += 3 * lin(d, d, self.attention_bias) + lin(d, d, true);
         block += lin(d, cross, true) + 2 * lin(d, cross, true) + lin(cross, d, true);

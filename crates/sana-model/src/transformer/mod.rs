@@ -90,7 +90,8 @@ pub struct SanaTransformer2DModel {
     time_embed: TimeEmbed,
     caption_1: Linear,
     caption_2: Linear,
-    caption_norm: RmsNorm,
+    /// `None` for NVlabs models trained without it (`y_norm: false`).
+    caption_norm: Option<RmsNorm>,
     blocks: Vec<SanaTransformerBlock>,
     scale_shift_table: Tensor, // [2, D]
     proj_out: Linear,
@@ -129,7 +130,10 @@ impl SanaTransformer2DModel {
                 vb.pp("caption_projection.linear_1"),
             )?,
             caption_2: linear(d, d, vb.pp("caption_projection.linear_2"))?,
-            caption_norm: RmsNorm::new(d, 1e-5, vb.pp("caption_norm"))?,
+            caption_norm: cfg
+                .caption_norm
+                .then(|| RmsNorm::new(d, 1e-5, vb.pp("caption_norm")))
+                .transpose()?,
             blocks,
             scale_shift_table: vb.get((2, d), "scale_shift_table")?,
             proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
@@ -274,7 +278,10 @@ impl SanaTransformer2DModel {
             let y = self
                 .caption_2
                 .forward(&self.caption_1.forward(&y)?.gelu()?)?;
-            let y = self.caption_norm.forward(&y)?;
+            let y = match &self.caption_norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
             for (blk, out) in self.blocks.iter().zip(blocks.iter_mut()) {
                 let (k, v) = blk.attn2.caption_kv(&y)?;
                 out.push(ItemCaption {

@@ -74,12 +74,12 @@ fn pth_parity_with_diffusers_f32() {
         )
         .unwrap_or_else(|e| panic!("{case}: load failed: {e}"));
         let cfg = model.config();
-        assert_eq!(cfg.num_layers, layers, "{case}: depth from _D<n>");
-        assert_eq!(cfg.inner_dim(), 32, "{case}: model.hidden_size override");
+        assert_eq!(cfg.num_layers, layers, "{case}: model.depth");
+        assert_eq!(cfg.inner_dim(), 32, "{case}: model.hidden_size");
         assert_eq!(
             cfg.num_cross_attention_heads,
             Some(2),
-            "{case}: model.num_heads override"
+            "{case}: model.num_heads"
         );
         assert_eq!(cfg.guidance_embeds, sprint, "{case}: model.cfg_embed");
         assert_eq!(cfg.qk_norm.is_some(), sprint, "{case}: model.qk_norm");
@@ -219,26 +219,38 @@ fn fused_chunks_are_the_right_rows() {
 
 #[test]
 fn yaml_that_disagrees_with_the_checkpoint_is_refused() {
-    let err = load_error(
-        "ms",
-        &edited_yaml("ms", "SanaMS_600M_P1_D2", "SanaMS_600M_P1_D3"),
-    );
-    assert_mentions(&err, &["model.model (depth", "3", "has 2"]);
+    let err = load_error("ms", &edited_yaml("ms", "depth: 2", "depth: 3"));
+    assert_mentions(&err, &["model.depth (depth)", "3", "has 2"]);
     let err = load_error(
         "ms",
         &edited_yaml("ms", "hidden_size: 32", "hidden_size: 64"),
     );
-    assert_mentions(&err, &["model.model (width)", "64", "has 32"]);
+    assert_mentions(&err, &["model.hidden_size (width)", "64", "has 32"]);
     let err = load_error(
         "ms",
         &edited_yaml("ms", "caption_channels: 32", "caption_channels: 2304"),
     );
     assert_mentions(&err, &["text_encoder.caption_channels", "2304", "has 32"]);
-    let err = load_error(
-        "ms",
-        &edited_yaml("ms", "SanaMS_600M_P1_D2", "SanaXL_600M_P1_D2"),
+    // The checkpoint has a caption norm; a YAML without one (y_norm: false) is refused.
+    let err = load_error("ms", &edited_yaml("ms", "y_norm: true", "y_norm: false"));
+    assert_mentions(
+        &err,
+        &[
+            "text_encoder.y_norm",
+            "false",
+            "has `attention_y_norm.weight`",
+        ],
     );
-    assert_mentions(&err, &["model.model", "SanaXL_600M_P1_D2"]);
+    // A name NVlabs does not register needs its geometry: without it the fields are listed.
+    let err = load_error("ms", &edited_yaml("ms", "  depth: 2\n  num_heads: 2\n", ""));
+    assert_mentions(
+        &err,
+        &[
+            "model.model",
+            "SanaMS_tiny_D2",
+            "model.depth, model.num_heads are missing",
+        ],
+    );
 }
 
 /// An NVlabs YAML as upstream writes it (spec §8), with the fields that vary per model.
@@ -283,9 +295,7 @@ fn released_yamls_give_the_released_configs() {
     // YAML refuses duplicate keys, so each extra line replaces the template's line of that key.
     let pe = |s: f64| format!("  use_pe: true\n  pe_interpolation: {s}\n");
     let qk = "  qk_norm: true\n  cross_norm: true\n";
-    let sprint =
-        "  qk_norm: true\n  cross_norm: true\n  cfg_embed: true\n  cfg_embed_scale: 0.1\n  \
-                  timestep_norm_scale_factor: 1000\n";
+    let sprint = "  qk_norm: true\n  cross_norm: true\n  cfg_embed: true\n  cfg_embed_scale: 0.1\n";
     let cases = [
         ("Sana_600M_512px", "SanaMS_600M_P1_D28", 512, String::new()),
         (
@@ -310,7 +320,7 @@ fn released_yamls_give_the_released_configs() {
         ("Sana_1600M_4Kpx_BF16", "SanaMS_1600M_P1_D20", 4096, pe(2.0)),
         (
             "SANA1.5_1.6B_1024px",
-            "SanaMS1.5_1600M_P1_D20",
+            "SanaMS_1600M_P1_D20",
             1024,
             qk.to_string(),
         ),
@@ -322,13 +332,13 @@ fn released_yamls_give_the_released_configs() {
         ),
         (
             "Sana_Sprint_0.6B_1024px",
-            "SanaSprint_600M_P1_D28",
+            "SanaMSCM_600M_P1_D28",
             1024,
             sprint.to_string(),
         ),
         (
             "Sana_Sprint_1.6B_1024px",
-            "SanaSprint_1600M_P1_D20",
+            "SanaMSCM_1600M_P1_D20",
             1024,
             sprint.to_string(),
         ),
@@ -342,6 +352,12 @@ fn released_yamls_give_the_released_configs() {
                 Some(old) => text.replace(old, line),
                 None => text.replace("vae:\n", &format!("{line}\nvae:\n")),
             };
+        }
+        if model.starts_with("SanaMSCM") {
+            // The Sprint YAMLs' scheduler (the last section).
+            text.push_str(
+                "  vis_sampler: scm\n  sigma_data: 0.5\n  timestep_norm_scale_factor: 1000\n",
+            );
         }
         let path = PathBuf::from(format!("{released}.yaml"));
         let got = NvlabsConfig::parse(&text, &path)
@@ -363,4 +379,227 @@ fn qk_norm_without_cross_norm_is_refused() {
         .unwrap_err()
         .to_string();
     assert_mentions(&err, &["model.cross_norm", "model.qk_norm"]);
+}
+
+/// A text-encoder folder as NVlabs' repos have it (Gemma and its tokenizer side by side), made of
+/// the `text_encoder/pipeline` fixture.
+fn gemma_folder() -> PathBuf {
+    let src = fixtures().join("text_encoder/pipeline");
+    let dir = std::env::temp_dir().join(format!("sana-nvlabs-gemma-{}", std::process::id()));
+    if !dir.exists() {
+        let tmp = dir
+            .with_extension(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        std::fs::create_dir_all(&tmp).unwrap();
+        for (from, name) in [
+            (src.join("text_encoder/config.json"), "config.json"),
+            (
+                src.join("text_encoder/model.safetensors"),
+                "model.safetensors",
+            ),
+            (src.join("tokenizer/tokenizer.json"), "tokenizer.json"),
+        ] {
+            std::os::unix::fs::symlink(from.canonicalize().unwrap(), tmp.join(name)).unwrap();
+        }
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    dir
+}
+
+/// NVlabs checkpoints end to end: the YAML's self-attention head dim (16), no caption norm
+/// (`y_norm: false`), its instruction (`chi_prompt`: NVlabs' released one, a custom one, or none),
+/// its prompt length (`model_max_length`) and sampler (`vis_sampler`), and a model name NVlabs does
+/// not register with its geometry in the YAML — each against diffusers' SanaPipeline built from
+/// the same weights and settings, 2/255.
+#[test]
+fn nvlabs_pipelines_equal_diffusers() {
+    use sana_model::pipeline::sampling::Flow;
+    use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, SanaPipeline};
+    for (case, heads, head_dim, caption_norm, instruction, max_len, steps) in [
+        ("head16", 4, 16, true, false, 40, 20),
+        ("no_y_norm", 1, 32, false, true, 300, 20),
+        ("custom_chi", 2, 16, true, true, 60, 28),
+    ] {
+        let dir = fixtures().join("nvlabs/pipelines").join(case);
+        let pipe = SanaPipeline::load_nvlabs(
+            &dir.join("model.pth"),
+            &dir.join("config.yaml"),
+            &gemma_folder(),
+            &fixtures().join("autoencoder/sana_small"),
+            &LoadOptions::new(Device::Cpu),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let cfg = pipe.transformer().config();
+        assert_eq!(
+            (
+                cfg.num_attention_heads,
+                cfg.attention_head_dim,
+                cfg.caption_norm
+            ),
+            (heads, head_dim, caption_norm),
+            "{case}: heads from model.linear_head_dim, caption norm from text_encoder.y_norm"
+        );
+        let d = pipe.defaults();
+        assert_eq!(
+            (d.complex_human_instruction, d.max_sequence_length, d.steps),
+            (instruction, max_len, steps),
+            "{case}: instruction from chi_prompt, length from model_max_length, steps by vis_sampler"
+        );
+        let meta: serde_json::Value = read_config(&dir.join("case.json")).unwrap();
+        let t = load(&dir.join("cases.safetensors"));
+        let mut req = GenerateRequest::new("");
+        req.items = meta["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ItemRequest {
+                prompt: p.as_str().unwrap().to_string(),
+                negative_prompt: String::new(),
+                num_images: 1,
+                seed: 0,
+                guidance_scale: 4.5,
+                init_image: None,
+            })
+            .collect();
+        (req.width, req.height, req.steps) = (64, 64, 4);
+        req.use_resolution_binning = false;
+        req.complex_human_instruction = d.complex_human_instruction;
+        req.max_sequence_length = d.max_sequence_length;
+        req.latents = Some(t["latents"].clone());
+        let images: Vec<Vec<u8>> = pipe
+            .generate(&req, &mut |_| Flow::Continue)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.rgb8)
+            .collect();
+        crate::pipeline::assert_pixels(case, &images, &t["images"], 2);
+    }
+}
+
+/// Every computation-changing YAML value this port does not reproduce is refused, naming the field
+/// and the value.
+#[test]
+fn unknown_values_of_computation_fields_are_refused() {
+    let base = std::fs::read_to_string(case_dir("ms").join("config.yaml")).unwrap();
+    let with = |from: &str, to: &str| {
+        assert!(base.contains(from), "the ms YAML has no {from:?}");
+        base.replace(from, to)
+    };
+    let sched = |line: &str| format!("{base}  {line}\n");
+    let cases = [
+        (
+            with("attn_type: linear", "attn_type: flash"),
+            "model.attn_type",
+            "flash",
+        ),
+        (
+            with("ffn_type: glumbconv", "ffn_type: mlp"),
+            "model.ffn_type",
+            "mlp",
+        ),
+        (
+            with(
+                "mlp_acts: [silu, silu, null]",
+                "mlp_acts: [gelu, silu, null]",
+            ),
+            "model.mlp_acts",
+            "gelu",
+        ),
+        (
+            with(
+                "use_pe: false",
+                "use_pe: false\n  pos_embed_type: flux_rope",
+            ),
+            "model.pos_embed_type",
+            "flux_rope",
+        ),
+        (
+            with("use_pe: false", "use_pe: false\n  micro_condition: true"),
+            "model.micro_condition",
+            "true",
+        ),
+        (
+            with("qk_norm: false", "qk_norm: false\n  linear_head_dim: 24"),
+            "model.linear_head_dim",
+            "24",
+        ),
+        (
+            with("model: SanaMS_tiny_D2", "model: SanaMS_600M_P1_D28"),
+            "model.hidden_size",
+            "32",
+        ),
+        (
+            with(
+                "model: SanaMS_tiny_D2",
+                "model: SanaMSLinearFFN_600M_P1_D28",
+            ),
+            "model.model",
+            "SanaMSLinearFFN_600M_P1_D28",
+        ),
+        (
+            sched("vis_sampler: sa-solver"),
+            "scheduler.vis_sampler",
+            "sa-solver",
+        ),
+        (sched("vis_sampler: scm"), "scheduler.vis_sampler", "scm"),
+        (
+            sched("predict_flow_v: false"),
+            "scheduler.predict_flow_v",
+            "false",
+        ),
+        (sched("pred_sigma: true"), "scheduler.pred_sigma", "true"),
+        (
+            sched("noise_schedule: linear"),
+            "scheduler.noise_schedule",
+            "linear",
+        ),
+        (
+            sched("timestep_norm_scale_factor: 1000"),
+            "scheduler.timestep_norm_scale_factor",
+            "1000",
+        ),
+        (
+            with("vae_type: AutoencoderDC", "vae_type: sdxl"),
+            "vae.vae_type",
+            "sdxl",
+        ),
+    ];
+    for (text, field, value) in cases {
+        let nv = NvlabsConfig::parse(&text, Path::new("x.yaml")).unwrap();
+        let err = nv
+            .transformer_config()
+            .and_then(|_| nv.scheduler_config().map(|_| ()))
+            .map(|_| ())
+            .expect_err(field)
+            .to_string();
+        assert_mentions(&err, &[field, value]);
+    }
+    // The precisions are checked when loading (they pick the GPU dtypes).
+    for (from, to, field) in [
+        (
+            "mixed_precision: fp16",
+            "mixed_precision: fp8",
+            "model.mixed_precision",
+        ),
+        (
+            "vae_latent_dim: 8",
+            "vae_latent_dim: 8\n  weight_dtype: int8",
+            "vae.weight_dtype",
+        ),
+    ] {
+        let yaml = edited_yaml("ms", from, to);
+        let err = match sana_model::pipeline::SanaPipeline::load_nvlabs(
+            &case_dir("ms").join("model.pth"),
+            &yaml,
+            &gemma_folder(),
+            &fixtures().join("autoencoder/sana_small"),
+            &sana_model::pipeline::LoadOptions::new(Device::Cpu),
+        ) {
+            Ok(_) => panic!("{field}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert_mentions(&err, &[field]);
+    }
 }
