@@ -280,12 +280,16 @@ fn nearest_valid(value: u32, min: u32, max: u32, multiple: u32) -> u32 {
     rounded.clamp(lowest, highest.max(lowest))
 }
 
-/// A seed nobody chose: process-random keys hashed with a counter.
+/// Drawn seeds stay below this, so that every image's seed (`seed + i`) is a number JavaScript
+/// reads exactly from JSON (its integers are exact up to 2^53).
+const RANDOM_SEED_BOUND: u64 = 1 << 52;
+
+/// A seed nobody chose: process-random keys hashed with a counter, below [`RANDOM_SEED_BOUND`].
 fn random_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.finish()
+    hasher.finish() % RANDOM_SEED_BOUND
 }
 
 #[cfg(test)]
@@ -445,5 +449,18 @@ mod tests {
             .item
             .seed;
         assert_ne!(a, b, "two random seeds in a row should differ");
+        let drawn: Vec<u64> = (0..256)
+            .map(|_| {
+                check(GenerateRequest::new("a fox"))
+                    .expect("valid")
+                    .item
+                    .seed
+            })
+            .collect();
+        assert!(drawn.iter().all(|&s| s < RANDOM_SEED_BOUND), "{drawn:?}");
+        assert!(
+            drawn.iter().any(|&s| s > RANDOM_SEED_BOUND / 2),
+            "drawn from the whole range"
+        );
     }
 }

@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// no CORS headers, so browsers refuse cross-origin calls.
     #[arg(long = "cors-origin", env = "SANA_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+
+    /// Do not serve the web playground at `/` (the API is unchanged; `/` answers 404).
+    #[arg(long, env = "SANA_NO_PLAYGROUND")]
+    pub no_playground: bool,
 }
 
 /// Reads an env file of `sana serve` settings: `KEY=VALUE` lines (optionally `export KEY=VALUE`,
@@ -372,6 +376,8 @@ pub struct ServerConfig {
     pub url_store_bytes: usize,
     /// Browser access.
     pub cors: Cors,
+    /// Serve the web playground at `/`.
+    pub playground: bool,
 }
 
 /// A flag value the server cannot start with; the message names the flag.
@@ -523,6 +529,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             url_ttl: args.url_ttl,
             url_store_bytes: args.url_store_bytes,
             cors,
+            playground: !args.no_playground,
         })
     }
 }

@@ -112,6 +112,9 @@ pub struct CreateImageEditRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u32>,
+    /// Extension: with `stream: true`, also send `image_edit.progress` events after every step.
+    #[serde(default)]
+    pub progress: Option<bool>,
     /// Extension: the share of the denoising schedule that repaints, in (0, 1] (kept to
     /// thousandths); 1 starts from pure noise. Default: from `input_fidelity`.
     #[serde(default)]
@@ -148,7 +151,7 @@ const NUMBERS: [&str; 7] = [
     "num_inference_steps",
     "guidance_scale",
 ];
-const BOOLEANS: [&str; 2] = ["stream", "preserve_unmasked"];
+const BOOLEANS: [&str; 3] = ["stream", "preserve_unmasked", "progress"];
 
 /// The form as received: the files, and the text fields as a JSON object for [`parse_json`].
 #[derive(Default)]
@@ -405,6 +408,7 @@ pub async fn edits(
         user: req.user,
         stream: req.stream,
         partial_images: req.partial_images,
+        progress: req.progress,
         negative_prompt: req.negative_prompt,
         seed: req.seed,
         num_inference_steps: req.num_inference_steps,

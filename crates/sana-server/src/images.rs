@@ -23,7 +23,7 @@ use crate::error::{ApiError, ApiJson, ErrorResponse};
 use crate::state::{unix_now, AppState};
 use crate::types::{
     Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, OutputFormat,
-    PartialImageEvent, Quality, ResponseFormat, StreamErrorEvent,
+    PartialImageEvent, ProgressEvent, Quality, ResponseFormat, StreamErrorEvent,
 };
 
 /// The path of stored `url` images.
@@ -44,6 +44,8 @@ pub(crate) struct Plan {
     output_format: OutputFormat,
     compression: u8,
     stream: bool,
+    /// Send `progress` events while streaming.
+    progress: bool,
 }
 
 impl Plan {
@@ -107,6 +109,13 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
              `stream` or use `b64_json`",
         ));
     }
+    let progress = req.progress.unwrap_or(false);
+    if progress && !stream {
+        return Err(ApiError::invalid_value(
+            "progress",
+            "`progress` events are only sent when streaming; add `\"stream\": true` or drop `progress`",
+        ));
+    }
     let partial_images = req.partial_images.unwrap_or(0);
     if partial_images > MAX_PARTIAL_IMAGES {
         return Err(ApiError::invalid_value(
@@ -156,6 +165,7 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
         output_format: req.output_format.unwrap_or_default(),
         compression,
         stream,
+        progress,
     })
 }
 
@@ -350,6 +360,15 @@ async fn drive(plan: Plan, mut generation: GenerationStream, tx: mpsc::Sender<Ss
         let finished = matches!(event, Some(Event::Done(_)));
         let events = match event {
             None => return,
+            Some(Event::Progress { step, steps }) if plan.progress => vec![sse_event(
+                &format!("{}.progress", plan.events),
+                &ProgressEvent {
+                    kind: format!("{}.progress", plan.events),
+                    step,
+                    steps,
+                    created_at: unix_now(),
+                },
+            )],
             Some(Event::Progress { .. }) => continue,
             Some(Event::Preview {
                 image_index, image, ..

@@ -1,6 +1,6 @@
 //! The HTTP server of Sana: OpenAI's Images API (`POST /v1/images/generations` and
 //! `POST /v1/images/edits`, JSON or server-sent events), `/v1/models`, `/health`, `/ready`, `/info`, `/metrics` and
-//! `/openapi.json`, with API keys, a per-key rate limit, body and time limits, CORS on request,
+//! `/openapi.json`, and the web playground at `/` ([`playground`]), with API keys, a per-key rate limit, body and time limits, CORS on request,
 //! and graceful shutdown through the engine's drain.
 //!
 //! ```text
@@ -23,6 +23,7 @@ pub mod images;
 pub mod meta;
 pub mod metrics;
 pub mod openapi;
+pub mod playground;
 pub mod state;
 pub mod store;
 pub mod types;
@@ -78,6 +79,11 @@ pub fn app(state: AppState) -> Router {
             &format!("{}/{{file}}", images::FILES_PATH),
             get(images::file),
         )
+        .merge(if config.playground {
+            playground::routes()
+        } else {
+            Router::new()
+        })
         .method_not_allowed_fallback(meta::method_not_allowed)
         .fallback(meta::not_found)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

@@ -61,9 +61,10 @@ pub async fn model_by_name(
 /// Liveness: the process answers. Never needs a key.
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, body = HealthResponse)))]
-pub async fn health() -> Json<HealthResponse> {
+pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
     Json(HealthResponse {
         status: "ok".into(),
+        api_key_required: state.config().api_keys.is_enabled(),
     })
 }
 
@@ -134,6 +135,7 @@ pub async fn info(State(state): State<AppState>) -> Json<InfoResponse> {
             max_batch_images: engine.limits().max_images,
             max_concurrent_requests: config.max_concurrent_requests,
             max_body_bytes: state.config().max_body_bytes,
+            max_upload_bytes: state.config().max_upload_bytes,
             request_timeout_secs: state.config().request_timeout.as_secs_f64(),
         },
         defaults: Defaults {

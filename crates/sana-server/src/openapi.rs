@@ -10,7 +10,8 @@ use crate::edits::{CreateImageEditRequest, InputFidelity};
 use crate::error::{ErrorDetail, ErrorResponse};
 use crate::types::{
     Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, Model, ModelList,
-    Moderation, OutputFormat, PartialImageEvent, Quality, ResponseFormat, StreamErrorEvent, Style,
+    Moderation, OutputFormat, PartialImageEvent, ProgressEvent, Quality, ResponseFormat,
+    StreamErrorEvent, Style,
 };
 use crate::{edits, images, meta};
 
@@ -38,7 +39,7 @@ use crate::{edits, images, meta};
     ),
     components(schemas(
         CreateImageRequest, CreateImageEditRequest, InputFidelity, Quality, ResponseFormat, OutputFormat, Background, Style, Moderation,
-        ImagesResponse, ImageData, PartialImageEvent, CompletedEvent, StreamErrorEvent,
+        ImagesResponse, ImageData, PartialImageEvent, ProgressEvent, CompletedEvent, StreamErrorEvent,
         ModelList, Model, ErrorResponse, ErrorDetail,
     )),
     modifiers(&BearerAuth),

@@ -66,6 +66,10 @@ pub struct CreateImageRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u32>,
+    /// Extension: with `stream: true`, also send an `image_generation.progress` event (see
+    /// `ProgressEvent`) after every denoising step (default `false`: OpenAI's events only).
+    #[serde(default)]
+    pub progress: Option<bool>,
     /// Extension: what the image should not show (the unconditional branch of guidance).
     #[serde(default)]
     pub negative_prompt: Option<String>,
@@ -263,6 +267,21 @@ pub struct PartialImageEvent {
     pub image_index: u32,
 }
 
+/// Extension SSE event `image_generation.progress` (`image_edit.progress` for edits), sent after
+/// every denoising step when the request sets `progress: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressEvent {
+    /// `image_generation.progress` or `image_edit.progress`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Steps done, 1..=`steps`.
+    pub step: u32,
+    /// Steps this request runs (an edit runs `steps × strength` of its schedule).
+    pub steps: u32,
+    /// Unix time of the event, in seconds.
+    pub created_at: u64,
+}
+
 /// SSE event `image_generation.completed`: one final image (OpenAI `ImageGenCompletedEvent`);
 /// one per image of the request, in order, after its partial images. `usage` is not reported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -326,6 +345,9 @@ pub struct Model {
 pub struct HealthResponse {
     /// Always `ok`.
     pub status: String,
+    /// Extension: whether the other routes want `Authorization: Bearer <key>` (so a client, such
+    /// as the playground, can ask for a key before its first call instead of after a 401).
+    pub api_key_required: bool,
 }
 
 /// `GET /ready`: the model is loaded and a worker can serve.
@@ -398,6 +420,8 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Largest body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest body of an image upload (`POST /v1/images/edits`), in bytes.
+    pub max_upload_bytes: usize,
     /// Longest request, in seconds.
     pub request_timeout_secs: f64,
 }

@@ -220,6 +220,31 @@ async fn a_streamed_edit_sends_image_edit_events() {
         assert!(data["type"].as_str().unwrap().starts_with("image_edit."));
         decode(&b64(data["b64_json"].as_str().unwrap()), ImageFormat::Png);
     }
+
+    // `progress` (a form field like the others): one `image_edit.progress` per step the edit
+    // runs; strength 0.5 of 4 steps runs 2.
+    let answer = call(
+        &srv.app,
+        edit_request(&[
+            image_part(picture(96, 64)),
+            Part::Text("prompt", "a fox"),
+            Part::Text("stream", "true"),
+            Part::Text("progress", "true"),
+            Part::Text("strength", "0.5"),
+            Part::Text("num_inference_steps", "4"),
+        ]),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let text = String::from_utf8(answer.body.to_vec()).unwrap();
+    let progress: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|d| d["type"] == "image_edit.progress")
+        .map(|d| (d["step"].as_u64().unwrap(), d["steps"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(progress, [(1, 2), (2, 2)], "{text}");
 }
 
 /// A PNG whose header says `w × h` (its pixel data is a 1×1 image's: the size check comes

@@ -474,9 +474,12 @@ async fn unknown_routes_are_404_and_wrong_methods_405() {
         "{}",
         err.message
     );
-    call(&server.app, get("/"))
-        .await
-        .expect_error(StatusCode::NOT_FOUND, "not_found", None);
+    // `/` is the playground (tests/http/playground.rs; 404 with `--no-playground`).
+    call(&server.app, get("/index.html")).await.expect_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+    );
 
     let answer = call(&server.app, get("/v1/images/generations")).await;
     let err = answer.expect_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None);

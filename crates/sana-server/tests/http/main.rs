@@ -11,5 +11,6 @@ mod edits;
 mod errors;
 mod images;
 mod ops;
+mod playground;
 mod shutdown;
 mod stream;

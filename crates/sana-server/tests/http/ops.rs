@@ -56,7 +56,10 @@ async fn ready_reports_the_workers() {
     assert_eq!(devices, ["fake:0", "fake:1"]);
     assert_eq!(json["workers"][0]["state"], "ready");
     let health = call(&server.app, get("/health")).await;
-    assert_eq!(health.json(), json!({"status": "ok"}));
+    assert_eq!(
+        health.json(),
+        json!({"status": "ok", "api_key_required": false})
+    );
 }
 
 #[tokio::test]

@@ -218,3 +218,64 @@ async fn a_stream_refused_up_front_is_a_plain_json_error() {
     .await;
     answer.expect_error(StatusCode::BAD_REQUEST, "validation", Some("size"));
 }
+
+#[tokio::test]
+async fn progress_events_count_every_step_when_asked() {
+    let server = server(&[]).await;
+    let answer = generate(
+        &server.app,
+        json!({"prompt": "a fox", "size": "32x32", "stream": true, "partial_images": 1,
+               "progress": true, "num_inference_steps": 4, "n": 2}),
+    )
+    .await;
+    let events = events(&answer);
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    // One batch of two images: a progress event per step (not per image), the previews of
+    // both images after their step, then the two completions.
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|(name, _)| name == "image_generation.progress")
+        .map(|(_, data)| {
+            assert!(data["created_at"].as_u64().is_some());
+            (
+                data["step"].as_u64().expect("step"),
+                data["steps"].as_u64().expect("steps"),
+            )
+        })
+        .collect();
+    assert_eq!(progress, [(1, 4), (2, 4), (3, 4), (4, 4)], "{names:?}");
+    let first_preview = names
+        .iter()
+        .position(|n| *n == "image_generation.partial_image")
+        .expect("a preview");
+    let first_completed = names
+        .iter()
+        .position(|n| *n == "image_generation.completed")
+        .expect("a completion");
+    let last_progress = names
+        .iter()
+        .rposition(|n| *n == "image_generation.progress")
+        .expect("progress");
+    assert!(first_preview > 0 && names[first_preview - 1] == "image_generation.progress");
+    assert!(last_progress < first_completed, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".completed")).count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn progress_without_stream_is_refused() {
+    let server = server(&[]).await;
+    let answer = generate(&server.app, json!({"prompt": "a", "progress": true})).await;
+    let error = answer.expect_error(StatusCode::BAD_REQUEST, "invalid_request", Some("progress"));
+    assert!(error.message.contains("stream"), "{}", error.message);
+    // Without progress, a stream carries OpenAI's events only.
+    let answer = generate(
+        &server.app,
+        json!({"prompt": "a", "size": "32x32", "stream": true, "progress": false}),
+    )
+    .await;
+    let names: Vec<String> = events(&answer).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["image_generation.completed"]);
+}
