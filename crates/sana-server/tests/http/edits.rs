@@ -190,61 +190,62 @@ async fn sizes_and_strengths_follow_the_request() {
         .all(|b| b.items.iter().all(|i| i.edit.is_some())));
 }
 
-#[tokio::test]
-async fn a_streamed_edit_sends_image_edit_events() {
-    let srv = server(&[]).await;
-    let answer = call(
-        &srv.app,
-        edit_request(&[
-            image_part(picture(96, 64)),
-            Part::Text("prompt", "a fox"),
-            Part::Text("stream", "true"),
-            Part::Text("partial_images", "1"),
-            Part::Text("num_inference_steps", "4"),
-        ]),
-    )
-    .await;
+/// The events of a streamed edit of a 96×64 picture with `fields`: (type, data).
+async fn streamed_edit(srv: &TestServer, fields: &[(&'static str, &'static str)]) -> Vec<Value> {
+    let mut parts = vec![
+        image_part(picture(96, 64)),
+        Part::Text("prompt", "a fox"),
+        Part::Text("stream", "true"),
+    ];
+    parts.extend(fields.iter().map(|&(name, value)| Part::Text(name, value)));
+    let answer = call(&srv.app, edit_request(&parts)).await;
     assert_eq!(answer.status, StatusCode::OK);
     let text = String::from_utf8(answer.body.to_vec()).unwrap();
     let names: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("event: "))
         .collect();
-    assert_eq!(
-        names,
-        ["image_edit.partial_image", "image_edit.completed"],
-        "{text}"
-    );
-    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        let data: Value = serde_json::from_str(line).unwrap();
-        assert!(data["type"].as_str().unwrap().starts_with("image_edit."));
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let types: Vec<&str> = events.iter().map(|d| d["type"].as_str().unwrap()).collect();
+    assert_eq!(names, types, "each event's name is its data's type");
+    events
+}
+
+#[tokio::test]
+async fn a_streamed_edit_sends_image_edit_events() {
+    let srv = server(&[]).await;
+    let events = streamed_edit(
+        &srv,
+        &[("partial_images", "1"), ("num_inference_steps", "4")],
+    )
+    .await;
+    let types: Vec<&str> = events.iter().map(|d| d["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["image_edit.partial_image", "image_edit.completed"]);
+    for data in &events {
         decode(&b64(data["b64_json"].as_str().unwrap()), ImageFormat::Png);
     }
 
     // `progress` (a form field like the others): one `image_edit.progress` per step the edit
     // runs; strength 0.5 of 4 steps runs 2.
-    let answer = call(
-        &srv.app,
-        edit_request(&[
-            image_part(picture(96, 64)),
-            Part::Text("prompt", "a fox"),
-            Part::Text("stream", "true"),
-            Part::Text("progress", "true"),
-            Part::Text("strength", "0.5"),
-            Part::Text("num_inference_steps", "4"),
-        ]),
+    let events = streamed_edit(
+        &srv,
+        &[
+            ("progress", "true"),
+            ("strength", "0.5"),
+            ("num_inference_steps", "4"),
+        ],
     )
     .await;
-    assert_eq!(answer.status, StatusCode::OK);
-    let text = String::from_utf8(answer.body.to_vec()).unwrap();
-    let progress: Vec<(u64, u64)> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let progress: Vec<(u64, u64)> = events
+        .iter()
         .filter(|d| d["type"] == "image_edit.progress")
         .map(|d| (d["step"].as_u64().unwrap(), d["steps"].as_u64().unwrap()))
         .collect();
-    assert_eq!(progress, [(1, 2), (2, 2)], "{text}");
+    assert_eq!(progress, [(1, 2), (2, 2)], "{events:?}");
 }
 
 /// A PNG whose header says `w × h` (its pixel data is a 1×1 image's: the size check comes
