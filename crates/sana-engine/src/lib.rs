@@ -34,7 +34,7 @@ pub use config::{BatchLimits, EngineConfig};
 pub use engine::{Engine, Health, ShutdownReport};
 pub use error::{EngineError, StartError, ValidationError};
 pub use stream::{Event, Generation, GenerationStream, Timings};
-pub use validation::{EditRequest, GenerateRequest, ValidRequest};
+pub use validation::{EditRequest, GenerateRequest, ValidRequest, MAX_GUIDANCE_SCALE};
 pub use worker::{WorkerHealth, WorkerState};
 
 pub use sana_backend;

@@ -88,7 +88,13 @@ pub fn validate(
     config: &EngineConfig,
     limits: &BatchLimits,
 ) -> Result<ValidRequest, ValidationError> {
-    if req.prompt.trim().is_empty() {
+    // Blank: only Unicode white space or U+FEFF, which together are exactly the characters that
+    // ECMA-262's `\s` or U+0085 match, so the OpenAPI pattern `[^\s\u0085]` says the same.
+    if req
+        .prompt
+        .chars()
+        .all(|c| c.is_whitespace() || c == '\u{feff}')
+    {
         return Err(ValidationError::new(
             "prompt",
             "`prompt` is empty; describe the image to generate",
@@ -122,11 +128,11 @@ pub fn validate(
         ));
     }
     let guidance_scale = req.guidance_scale.unwrap_or(info.default_guidance_scale);
-    if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+    if !(0.0..=MAX_GUIDANCE_SCALE).contains(&guidance_scale) {
         return Err(ValidationError::new(
             "guidance_scale",
             format!(
-                "`guidance_scale` must be a finite number ≥ 0 (values ≤ 1 turn guidance off), got {guidance_scale}"
+                "`guidance_scale` must be a finite number ≥ 0 and ≤ {MAX_GUIDANCE_SCALE} (values ≤ 1 turn guidance off), got {guidance_scale}"
             ),
         ));
     }
@@ -280,6 +286,10 @@ fn nearest_valid(value: u32, min: u32, max: u32, multiple: u32) -> u32 {
     rounded.clamp(lowest, highest.max(lowest))
 }
 
+/// Largest `guidance_scale`. diffusers sets none; far past Sana's useful range (4.5; images
+/// burn out past ~20) it only risks overflowing half-precision activations.
+pub const MAX_GUIDANCE_SCALE: f32 = 100.0;
+
 /// Drawn seeds stay below this, so that every image's seed (`seed + i`) is a number JavaScript
 /// reads exactly from JSON (its integers are exact up to 2^53).
 const RANDOM_SEED_BOUND: u64 = 1 << 52;
@@ -379,13 +389,21 @@ mod tests {
             }),
             Some("steps")
         );
-        assert_eq!(
-            param_of(GenerateRequest {
-                guidance_scale: Some(f32::NAN),
-                ..base()
-            }),
-            Some("guidance_scale")
-        );
+        for g in [f32::NAN, f32::INFINITY, -0.5, MAX_GUIDANCE_SCALE + 1.0] {
+            assert_eq!(
+                param_of(GenerateRequest {
+                    guidance_scale: Some(g),
+                    ..base()
+                }),
+                Some("guidance_scale"),
+                "{g}"
+            );
+        }
+        assert!(check(GenerateRequest {
+            guidance_scale: Some(MAX_GUIDANCE_SCALE),
+            ..base()
+        })
+        .is_ok());
         assert_eq!(
             param_of(GenerateRequest {
                 previews: 4,
@@ -430,6 +448,17 @@ mod tests {
             }),
             Some("n")
         );
+    }
+
+    #[test]
+    fn blank_prompts_are_white_space_or_bom_only() {
+        for blank in ["", " ", "\t\n", "\u{85}", "\u{feff}", "\u{3000}\u{2028}"] {
+            let err = check(GenerateRequest::new(blank)).expect_err(blank);
+            assert_eq!(err.param, Some("prompt"), "{blank:?}");
+        }
+        for text in ["a", " a ", "\u{200b}", "\u{85}x"] {
+            check(GenerateRequest::new(text)).expect(text);
+        }
     }
 
     #[test]

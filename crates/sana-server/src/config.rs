@@ -497,9 +497,10 @@ impl TryFrom<ServeArgs> for ServerConfig {
             }
         }
         if let Some(g) = args.default_guidance_scale {
-            if !g.is_finite() || g < 0.0 {
+            if !(0.0..=sana_engine::MAX_GUIDANCE_SCALE).contains(&g) {
                 return invalid(format!(
-                    "--default-guidance-scale {g} must be a finite number ≥ 0"
+                    "--default-guidance-scale {g} must be a number from 0 to {}",
+                    sana_engine::MAX_GUIDANCE_SCALE
                 ));
             }
         }

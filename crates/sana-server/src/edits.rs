@@ -60,23 +60,16 @@ pub enum InputFidelity {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImageEditRequest {
-    /// The image to edit: PNG, JPEG or WebP, at most 4096×4096 pixels (also accepted as
-    /// `image[]`; this model edits one image per request).
-    #[serde(default, skip)]
-    #[schema(value_type = String, format = Binary)]
-    pub image: (),
-    /// Optional PNG with an alpha channel, the image's size: where alpha is below one half (fully
-    /// transparent in OpenAI's convention) the image is repainted; elsewhere it is kept.
-    #[serde(default, skip)]
-    #[schema(value_type = Option<String>, format = Binary)]
-    pub mask: (),
+    // `image` and `mask` are files, read from the form before these fields; the OpenAPI
+    // document lists them (`openapi::MultipartForm`).
     /// What the edited image should show. Required, not blank.
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
     pub prompt: String,
     /// The served model name or the loaded model's id; unset: the served model.
     #[serde(default)]
     pub model: Option<String>,
     /// Number of images, 1..=`--max-n` (default 1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 1)]
     pub n: Option<u32>,
     /// `WIDTHxHEIGHT`, or `auto` (default): the input's size, scaled down into the model's limits
@@ -93,7 +86,7 @@ pub struct CreateImageEditRequest {
     #[serde(default)]
     pub output_format: Option<OutputFormat>,
     /// 0..=100: JPEG quality.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u32>,
     /// `auto` or `opaque`; `transparent` is refused.
@@ -109,7 +102,7 @@ pub struct CreateImageEditRequest {
     #[serde(default)]
     pub stream: Option<bool>,
     /// Previews per image while streaming, 0..=3.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u32>,
     /// Extension: with `stream: true`, also send `image_edit.progress` events after every step.
@@ -128,16 +121,16 @@ pub struct CreateImageEditRequest {
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Extension: base seed; random when unset.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u64")]
     pub seed: Option<u64>,
     /// Extension: denoising steps of the full schedule (the edit runs `steps × strength`, rounded
     /// down, of them).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 1)]
     pub num_inference_steps: Option<u32>,
-    /// Extension: classifier-free guidance scale.
+    /// Extension: classifier-free guidance scale, 0 to 100 (≤ 1 turns guidance off).
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 100)]
     pub guidance_scale: Option<f32>,
 }
 

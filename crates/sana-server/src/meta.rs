@@ -6,11 +6,9 @@ use axum::http::{header, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sana_engine::WorkerHealth;
-use utoipa::OpenApi;
 
 use crate::config::MAX_PARTIAL_IMAGES;
 use crate::error::{ApiError, ErrorResponse};
-use crate::openapi::ApiDoc;
 use crate::state::AppState;
 use crate::types::{
     Defaults, HealthResponse, InfoResponse, Limits, Model, ModelList, Quality, QualitySteps,
@@ -169,13 +167,30 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-/// This API's OpenAPI document (the same as the committed `openapi.yaml`).
+/// This API's OpenAPI document: the committed `openapi.yaml` narrowed to this server's model and
+/// limits (sizes, `n`, steps, prompt length; no `security` without keys).
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json", body = Object),
         (status = 401, body = ErrorResponse)),
     security(("api_key" = [])))]
-pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let engine = state.engine();
+    let model = engine.info();
+    let config = engine.config();
+    Json(crate::openapi::served(&crate::openapi::ServedLimits {
+        api_key_required: state.config().api_keys.is_enabled(),
+        served_model_name: state.served_model_name().to_owned(),
+        model_id: model.model_id.clone(),
+        min_width: model.min_width,
+        min_height: model.min_height,
+        max_width: model.max_width,
+        max_height: model.max_height,
+        size_multiple: model.size_multiple,
+        default_size: format!("{}x{}", model.default_width, model.default_height),
+        max_n: config.max_n,
+        max_steps: config.max_steps,
+        max_prompt_chars: config.max_prompt_chars,
+    }))
 }
 
 /// 404 for every unknown path.

@@ -14,13 +14,14 @@ use utoipa::ToSchema;
 #[schema(example = json!({"prompt": "a red fox in the snow, watercolor", "size": "1024x1024", "n": 1}))]
 pub struct CreateImageRequest {
     /// What to draw. Required, not blank, at most `--max-prompt-chars` characters.
+    #[schema(min_length = 1, pattern = r"[^\s\u0085]")]
     pub prompt: String,
     /// The served model name (see `/v1/models`) or the loaded model's id; any other name is a 404.
     /// Unset: the served model.
     #[serde(default)]
     pub model: Option<String>,
     /// Number of images, 1..=`--max-n` (default 1). Image `i` uses seed `seed + i`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 1, example = 1)]
     pub n: Option<u32>,
     /// `WIDTHxHEIGHT` in pixels, each a multiple of the model's `size_multiple` within its limits
@@ -41,7 +42,7 @@ pub struct CreateImageRequest {
     pub output_format: Option<OutputFormat>,
     /// 0..=100 (default 100): the JPEG quality. PNG and WebP are encoded losslessly, so it has no
     /// effect on them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u32>,
     /// `auto` (default) or `opaque`: Sana's images have no alpha channel, so `transparent` is
@@ -63,7 +64,7 @@ pub struct CreateImageRequest {
     pub stream: Option<bool>,
     /// Preview images per generated image while streaming, 0..=3 (default 0); needs
     /// `stream: true`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u32>,
     /// Extension: with `stream: true`, also send an `image_generation.progress` event (see
@@ -74,16 +75,16 @@ pub struct CreateImageRequest {
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Extension: base seed for reproducible images; random when unset (returned per image).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u64")]
     pub seed: Option<u64>,
     /// Extension: denoising steps, 1..=`--max-steps`; the model's default (see `/info`) when unset.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::types::whole::option_u32")]
     #[schema(minimum = 1)]
     pub num_inference_steps: Option<u32>,
-    /// Extension: classifier-free guidance scale, ≥ 0 (≤ 1 turns guidance off); the model's
+    /// Extension: classifier-free guidance scale, 0 to 100 (≤ 1 turns guidance off); the model's
     /// default when unset.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 100)]
     pub guidance_scale: Option<f32>,
 }
 
@@ -465,5 +466,131 @@ mod tests {
         assert_eq!(Quality::High.steps(20, 30), 30, "capped by --max-steps");
         assert_eq!(Quality::Low.steps(1, 100), 1, "never zero steps");
         assert_eq!(Quality::High.steps(2, 100), 4, "few-step models scale too");
+    }
+}
+
+/// Whole-number fields that accept what JSON Schema calls an integer: `3` and `3.0` alike (a
+/// client's JSON encoder may write any whole number as a float), but not `3.5`, a negative
+/// number, or one beyond the field's type.
+pub(crate) mod whole {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+
+    struct Whole<T>(PhantomData<T>);
+
+    impl<'de, T: TryFrom<u64> + Bounded> Visitor<'de> for Whole<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a whole number from 0 to {} ({})", T::MAX, T::NAME)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            T::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+            }
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            // Every whole f64 below 2^64 converts to u64 exactly.
+            // A fraction is the wrong type (JSON Schema's `integer`); a whole number out of range
+            // is the wrong value, as for integers.
+            if v.fract() != 0.0 || !v.is_finite() {
+                Err(E::invalid_type(Unexpected::Float(v), &self))
+            } else if v >= 0.0 && v < 18_446_744_073_709_551_616.0 {
+                self.visit_u64(v as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    /// The largest value and the type's name, for the message.
+    pub(crate) trait Bounded {
+        const MAX: u64;
+        const NAME: &'static str;
+    }
+
+    impl Bounded for u32 {
+        const MAX: u64 = u32::MAX as u64;
+        const NAME: &'static str = "u32";
+    }
+
+    impl Bounded for u64 {
+        const MAX: u64 = u64::MAX;
+        const NAME: &'static str = "u64";
+    }
+
+    pub(crate) fn option_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        d.deserialize_option(Whole::<u32>(PhantomData))
+    }
+
+    pub(crate) fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_option(Whole::<u64>(PhantomData))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use serde::Deserialize;
+
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct Form {
+            #[serde(default, deserialize_with = "super::option_u32")]
+            n: Option<u32>,
+            #[serde(default, deserialize_with = "super::option_u64")]
+            seed: Option<u64>,
+        }
+
+        fn parse(json: &str) -> Result<Form, String> {
+            serde_json::from_str(json).map_err(|e| e.to_string())
+        }
+
+        #[test]
+        fn whole_numbers_in_any_spelling() {
+            let form = |n, seed| Form { n, seed };
+            assert_eq!(parse("{}"), Ok(form(None, None)));
+            assert_eq!(parse(r#"{"n": null, "seed": null}"#), Ok(form(None, None)));
+            assert_eq!(parse(r#"{"n": 3, "seed": 7}"#), Ok(form(Some(3), Some(7))));
+            assert_eq!(
+                parse(r#"{"n": 3.0, "seed": 1e17}"#),
+                Ok(form(Some(3), Some(100_000_000_000_000_000)))
+            );
+            assert_eq!(
+                parse(r#"{"seed": 18446744073709551615}"#),
+                Ok(form(None, Some(u64::MAX)))
+            );
+            for bad in [
+                r#"{"n": 3.5}"#,
+                r#"{"n": -1}"#,
+                r#"{"n": 4294967296}"#,
+                r#"{"n": "3"}"#,
+                r#"{"seed": 1.8446744073709552e19}"#,
+                r#"{"seed": -0.5}"#,
+            ] {
+                let err = parse(bad).expect_err(bad);
+                assert!(err.contains("a whole number from 0 to"), "{bad}: {err}");
+            }
+        }
     }
 }

@@ -3,7 +3,6 @@
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use serde_json::json;
-use utoipa::OpenApi;
 
 use crate::common::*;
 
@@ -129,15 +128,15 @@ async fn metrics_are_prometheus_text_with_the_engine_series() {
 }
 
 #[tokio::test]
-async fn openapi_json_is_the_generated_document() {
-    let server = server(&[]).await;
+async fn openapi_json_is_the_document_narrowed_to_this_server() {
+    let server = server(&["--max-n", "3", "--max-steps", "40"]).await;
     let answer = call(&server.app, get("/openapi.json")).await;
     assert_eq!(answer.status, StatusCode::OK);
     let served = answer.json();
-    let generated = serde_json::to_value(sana_server::openapi::ApiDoc::openapi()).expect("JSON");
-    assert_eq!(served, generated);
+    let info = model_info();
     for path in [
         "/v1/images/generations",
+        "/v1/images/edits",
         "/v1/images/files/{file}",
         "/v1/models",
         "/health",
@@ -150,6 +149,55 @@ async fn openapi_json_is_the_generated_document() {
             "{path} is not documented"
         );
     }
+    // Everything but the narrowed fields is the committed document.
+    let mut widened = served.clone();
+    let committed = sana_server::openapi::document();
+    for name in ["CreateImageRequest", "CreateImageEditRequest"] {
+        let schema = &mut widened["components"]["schemas"][name];
+        let request = &served["components"]["schemas"][name];
+        assert_eq!(request["properties"]["n"]["maximum"], 3, "{name}");
+        assert_eq!(request["properties"]["num_inference_steps"]["maximum"], 40);
+        assert_eq!(
+            request["properties"]["model"]["enum"],
+            json!([info.model_id])
+        );
+        let pattern = request["properties"]["size"]["pattern"].as_str().unwrap();
+        assert!(pattern.starts_with("^(auto|(32|64|96|"), "{pattern}");
+        assert!(pattern.contains("|2048)x(32|"), "{pattern}");
+        assert_eq!(request["allOf"].as_array().map(Vec::len), Some(3));
+        let committed = &committed["components"]["schemas"][name];
+        *schema = committed.clone();
+    }
+    // Without keys, no operation asks for one.
+    assert!(served["components"].get("securitySchemes").is_none());
+    assert!(!served.to_string().contains("\"security\""));
+    assert_eq!(
+        widened["components"]["schemas"],
+        committed["components"]["schemas"]
+    );
+    assert_eq!(
+        widened["paths"]
+            .as_object()
+            .map(|p| p.keys().collect::<Vec<_>>()),
+        committed["paths"].as_object().map(|p| p.keys().collect())
+    );
+
+    // With keys, the document says so.
+    let keyed = crate::common::server(&["--api-key", "sk-one"]).await;
+    let request = get("/openapi.json");
+    let (mut parts, body) = request.into_parts();
+    parts.headers.insert(
+        header::AUTHORIZATION,
+        "Bearer sk-one".parse().expect("a header"),
+    );
+    let doc = call(&keyed.app, Request::from_parts(parts, body))
+        .await
+        .json();
+    assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    assert_eq!(
+        doc["paths"]["/v1/images/generations"]["post"]["security"],
+        json!([{"api_key": []}])
+    );
 }
 
 #[test]
