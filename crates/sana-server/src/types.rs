@@ -518,7 +518,7 @@ pub(crate) mod whole {
             // is the wrong value, as for integers.
             if v.fract() != 0.0 || !v.is_finite() {
                 Err(E::invalid_type(Unexpected::Float(v), &self))
-            } else if v >= 0.0 && v < 18_446_744_073_709_551_616.0 {
+            } else if (0.0..18_446_744_073_709_551_616.0).contains(&v) {
                 self.visit_u64(v as u64)
             } else {
                 Err(E::invalid_value(Unexpected::Float(v), &self))
