@@ -338,7 +338,15 @@ pub enum BackendError {
     /// The progress callback asked to stop.
     #[error("generation cancelled")]
     Cancelled,
-    /// Anything else: device errors, out of memory, loading failures.
+    /// The device ran out of memory for this batch. Not a device fault: the same batch fails the
+    /// same way again, a smaller one may fit.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The model as loaded cannot run this batch: its config or weights disagree with the code
+    /// (a shape or dtype mismatch, a missing tensor). Every such batch fails the same way.
+    #[error("the model cannot run this batch: {0}")]
+    Model(String),
+    /// Anything else: device errors, loading failures.
     #[error("backend failure: {0}")]
     Internal(String),
 }

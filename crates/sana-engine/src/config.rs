@@ -30,6 +30,10 @@ pub struct EngineConfig {
     pub max_previews: u32,
     /// Time from admission to the last image after which a request fails with `Timeout`.
     pub request_timeout: Duration,
+    /// How long a busy worker may show no progress (no finished step, no batch start) before the
+    /// watchdog answers its requests `WorkerHung` and replaces it. It must exceed the slowest
+    /// step, text encoding or decode of the largest batch. `None`: no watchdog.
+    pub watchdog_timeout: Option<Duration>,
     /// Steps of the warm-up generation each worker runs at start (and after a rebuild) at the
     /// largest batch; `0` skips the warm-up.
     pub warmup_steps: u32,
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             max_prompt_chars: 8192,
             max_previews: 3,
             request_timeout: Duration::from_secs(300),
+            watchdog_timeout: Some(Duration::from_secs(300)),
             warmup_steps: 2,
         }
     }

@@ -15,6 +15,7 @@ use crate::metrics;
 use crate::queue::{self, Command, Entry, Responder};
 use crate::stream::GenerationStream;
 use crate::validation::{validate, GenerateRequest, ValidRequest};
+use crate::watchdog::Watchdog;
 use crate::worker::{BackendFactory, Board, Worker, WorkerHealth};
 
 /// The health of the engine as a whole.
@@ -66,7 +67,10 @@ struct Inner {
     board: Arc<Board>,
     cancel: Arc<AtomicBool>,
     shutting_down: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Worker threads (the watchdog swaps a stuck one for its replacement).
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Dropped with the engine, which stops the watchdog.
+    _alive: Arc<()>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -116,6 +120,7 @@ impl Engine {
                 batches: Arc::clone(&batches),
                 board: Arc::clone(&board),
                 cancel: Arc::clone(&cancel),
+                epoch: 0,
             };
             let thread = worker.spawn(ready_tx).map_err(|err| StartError::Worker {
                 device: device.clone(),
@@ -123,6 +128,24 @@ impl Engine {
             })?;
             threads.push(thread);
             readies.push((device.clone(), ready_rx));
+        }
+        let threads = Arc::new(Mutex::new(threads));
+        let alive = Arc::new(());
+        if let Some(timeout) = config.watchdog_timeout {
+            Watchdog {
+                timeout,
+                board: Arc::clone(&board),
+                factory: Arc::clone(&factory),
+                config: config.clone(),
+                batches: Arc::downgrade(&batches),
+                cancel: Arc::clone(&cancel),
+                threads: Arc::clone(&threads),
+                engine_alive: Arc::downgrade(&alive),
+            }
+            .spawn()
+            .map_err(|err| {
+                StartError::InvalidConfig(format!("cannot spawn the watchdog thread: {err}"))
+            })?;
         }
         // Workers hold the only receivers now: when they all leave, the queue sees it.
         drop(batches);
@@ -151,7 +174,8 @@ impl Engine {
                 board,
                 cancel,
                 shutting_down: AtomicBool::new(false),
-                threads: Mutex::new(threads),
+                threads,
+                _alive: alive,
             }),
         })
     }

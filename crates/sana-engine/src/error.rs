@@ -48,9 +48,26 @@ pub enum EngineError {
     /// shows a generic text.
     #[error("generation failed: {0}")]
     Backend(String),
+    /// The device ran out of memory for the request's batch (HTTP 500, not worth retrying as
+    /// is). The message is for logs.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The model as loaded cannot run the request (HTTP 500, not worth retrying). The message is
+    /// for logs.
+    #[error("the model cannot run this request: {0}")]
+    Model(String),
     /// No worker is able to serve (HTTP 503).
     #[error("no healthy worker is available")]
     Unhealthy,
+    /// The worker running the request's batch made no progress for `silent` and was replaced
+    /// (HTTP 503); a retry runs on its replacement.
+    #[error("the worker on `{device}` made no progress for {silent:?} and is being replaced; retry the request")]
+    WorkerHung {
+        /// The worker's device.
+        device: String,
+        /// The watchdog timeout it exceeded.
+        silent: Duration,
+    },
     /// The engine is shutting down and takes no more work (HTTP 503).
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -65,7 +82,10 @@ impl EngineError {
             EngineError::Timeout(_) => "timeout",
             EngineError::Cancelled => "cancelled",
             EngineError::Backend(_) => "backend",
+            EngineError::OutOfMemory(_) => "out_of_memory",
+            EngineError::Model(_) => "model",
             EngineError::Unhealthy => "unhealthy",
+            EngineError::WorkerHung { .. } => "worker_hung",
             EngineError::ShuttingDown => "shutting_down",
         }
     }
@@ -79,6 +99,8 @@ impl From<BackendError> for EngineError {
                 message,
             }),
             BackendError::Cancelled => EngineError::Cancelled,
+            BackendError::OutOfMemory(message) => EngineError::OutOfMemory(message),
+            BackendError::Model(message) => EngineError::Model(message),
             other => EngineError::Backend(other.to_string()),
         }
     }
@@ -121,7 +143,16 @@ mod tests {
             (EngineError::Timeout(Duration::from_secs(1)), "timeout"),
             (EngineError::Cancelled, "cancelled"),
             (EngineError::Backend("x".into()), "backend"),
+            (EngineError::OutOfMemory("x".into()), "out_of_memory"),
+            (EngineError::Model("x".into()), "model"),
             (EngineError::Unhealthy, "unhealthy"),
+            (
+                EngineError::WorkerHung {
+                    device: "cpu".into(),
+                    silent: Duration::from_secs(1),
+                },
+                "worker_hung",
+            ),
             (EngineError::ShuttingDown, "shutting_down"),
         ];
         for (err, expected) in cases {
@@ -143,8 +174,16 @@ mod tests {
             EngineError::Cancelled
         );
         assert!(matches!(
-            EngineError::from(BackendError::Internal("oom".into())),
-            EngineError::Backend(msg) if msg.contains("oom")
+            EngineError::from(BackendError::Internal("lost".into())),
+            EngineError::Backend(msg) if msg.contains("lost")
         ));
+        assert_eq!(
+            EngineError::from(BackendError::OutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into())),
+            EngineError::OutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into())
+        );
+        assert_eq!(
+            EngineError::from(BackendError::Model("shape mismatch".into())),
+            EngineError::Model("shape mismatch".into())
+        );
     }
 }

@@ -8,7 +8,7 @@
 //!        │  capacity-1 channel: one batch prefetched while the workers run
 //!        ▼
 //!   worker threads (one per device, each owning a Backend; first free one takes the batch)
-//!        │  progress events per step, answers per request
+//!        │  progress events per step, answers per request    ◄── watchdog: replaces a hung one
 //!        ▼
 //! GenerationStream (events, then exactly one Done; timeout; dropping it cancels)
 //! ```
@@ -25,6 +25,7 @@ pub mod metrics;
 mod queue;
 mod stream;
 mod validation;
+mod watchdog;
 mod worker;
 
 #[cfg(any(test, feature = "test-util"))]

@@ -25,8 +25,10 @@ pub const BATCH_SIZE: &str = "sana_batch_size";
 pub const BATCH_LATENT_TOKENS: &str = "sana_batch_latent_tokens";
 /// Backend time per batch (histogram, seconds).
 pub const BATCH_INFERENCE_DURATION: &str = "sana_batch_inference_duration";
-/// Worker backends rebuilt after a panic (counter).
+/// Worker backends rebuilt after a panic or replaced after a hang (counter).
 pub const WORKER_RESTART: &str = "sana_worker_restart";
+/// Workers the watchdog found hung and replaced (counter).
+pub const WORKER_HUNG: &str = "sana_worker_hung";
 
 /// Registers descriptions and units with the installed recorder. Called by `Engine::start`;
 /// harmless without a recorder.
@@ -57,7 +59,14 @@ pub fn describe() {
         Unit::Seconds,
         "Backend time per batch"
     );
-    describe_counter!(WORKER_RESTART, "Worker backends rebuilt after a panic");
+    describe_counter!(
+        WORKER_RESTART,
+        "Worker backends rebuilt after a panic or replaced after a hang"
+    );
+    describe_counter!(
+        WORKER_HUNG,
+        "Workers found hung by the watchdog and replaced"
+    );
 }
 
 /// Counts one failed request under its error type.

@@ -37,6 +37,11 @@ pub enum Failure {
     /// Return `BackendError::Internal` and fail every `health()` check afterwards, like a lost
     /// device context; only a rebuild helps.
     Fatal,
+    /// Return `BackendError::OutOfMemory`.
+    OutOfMemory,
+    /// Hang after the first step, never returning (a deadlocked device), until
+    /// [`FakeBackend::with_release`]'s gate opens; then the batch completes.
+    Hang,
 }
 
 /// How a recorded batch ended.
@@ -52,6 +57,8 @@ pub enum Outcome {
     Failed,
     /// Injected panic.
     Panicked,
+    /// Hung by an injected [`Failure::Hang`] (until released).
+    Hung,
 }
 
 /// One batch as the fake saw it.
@@ -139,7 +146,8 @@ impl Gate {
         condvar.notify_all();
     }
 
-    fn wait(&self) {
+    /// Blocks until the gate is open.
+    pub fn wait(&self) {
         let (open, condvar) = &*self.0;
         let mut guard = open.lock().unwrap_or_else(PoisonError::into_inner);
         while !*guard {
@@ -155,6 +163,7 @@ pub struct FakeBackend {
     latency: Latency,
     failures: Vec<(String, Failure)>,
     gate: Option<Gate>,
+    release: Gate,
     log: BatchLog,
     broken: bool,
 }
@@ -173,6 +182,7 @@ impl FakeBackend {
             latency: Latency::default(),
             failures: Vec::new(),
             gate: None,
+            release: Gate::closed(),
             log: BatchLog::default(),
             broken: false,
         }
@@ -227,6 +237,12 @@ impl FakeBackend {
     /// Makes every batch wait for `gate` to open before its first step.
     pub fn with_gate(mut self, gate: Gate) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// The gate that ends a [`Failure::Hang`] (closed by default: the hang lasts for ever).
+    pub fn with_release(mut self, release: Gate) -> Self {
+        self.release = release;
         self
     }
 
@@ -313,12 +329,19 @@ impl Backend for FakeBackend {
                     "injected failure on prompt `{prompt}`"
                 )));
             }
+            Some((Failure::OutOfMemory, prompt)) => {
+                self.log.update(index, 0, Outcome::Failed);
+                return Err(BackendError::OutOfMemory(format!(
+                    "injected out-of-memory on prompt `{prompt}`"
+                )));
+            }
             Some((Failure::Panic, prompt)) => {
                 self.log.update(index, 0, Outcome::Panicked);
                 panic!("injected panic on prompt `{prompt}`");
             }
-            None => {}
+            Some((Failure::Hang, _)) | None => {}
         }
+        let hangs = matches!(self.failure_for(batch), Some((Failure::Hang, _)));
         let images = u32::try_from(batch.num_images()).unwrap_or(u32::MAX);
         pause(self.latency.per_batch + self.latency.per_image * images);
         // An edit runs the last `steps − first step` steps of its schedule, as the model does.
@@ -357,6 +380,10 @@ impl Backend for FakeBackend {
             {
                 self.log.update(index, step, Outcome::Cancelled);
                 return Err(BackendError::Cancelled);
+            }
+            if hangs && step == 1 {
+                self.log.update(index, step, Outcome::Hung);
+                self.release.wait();
             }
         }
         let images = batch

@@ -5,13 +5,18 @@
 //! backend is rebuilt by the factory (and warmed up again); if that fails the worker is marked
 //! unhealthy and leaves, and the others keep serving. A backend error followed by a failed
 //! `health()` check (a lost device context, say) is handled like a panic.
+//!
+//! A worker shows a sign of life at the start of a batch and after every step (its heartbeat),
+//! and keeps the requests of its running batch in its [`Slot`], not on its stack: the watchdog
+//! (`watchdog.rs`) can then answer them and replace a worker that hangs. A thread that comes back
+//! from a batch the watchdog took leaves at once, touching nothing (its slot has a new epoch).
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sana_backend::{
     cfg_enabled, Backend, BackendError, Batch, BatchItem, BatchKey, Control, ModelInfo, Progress,
@@ -22,7 +27,7 @@ use tracing::{error, info, warn};
 use crate::config::{BatchLimits, EngineConfig};
 use crate::error::{EngineError, StartError};
 use crate::metrics;
-use crate::queue::NextBatch;
+use crate::queue::{Entry, NextBatch};
 use crate::stream::{Event, Generation, Timings};
 
 /// Builds a backend for a device (`cuda:0`, `cpu`, …). Called at start and again after a panic.
@@ -39,7 +44,7 @@ pub enum WorkerState {
     Ready = 1,
     /// Running a batch.
     Busy = 2,
-    /// Rebuilding its backend after a panic.
+    /// Rebuilding its backend after a panic, or being replaced after a hang.
     Restarting = 3,
     /// Its backend could not be built; it takes no work.
     Unhealthy = 4,
@@ -90,21 +95,49 @@ pub struct WorkerHealth {
     pub device: String,
     /// What it is doing.
     pub state: WorkerState,
-    /// How many times its backend was rebuilt after a panic.
+    /// How many times its backend was rebuilt after a panic or replaced after a hang.
     pub restarts: u32,
 }
 
-/// Shared, lock-free view of every worker.
+/// Shared view of every worker: lock-free state, plus each one's running batch for the watchdog.
 #[derive(Debug)]
 pub(crate) struct Board {
-    slots: Vec<Slot>,
+    pub(crate) slots: Vec<Slot>,
+    /// The origin of heartbeats.
+    started: Instant,
 }
 
+/// One device's worker, as the engine and the watchdog see it.
 #[derive(Debug)]
-struct Slot {
-    device: String,
+pub(crate) struct Slot {
+    pub(crate) device: String,
     state: AtomicU8,
     restarts: AtomicU32,
+    /// Bumped when the watchdog replaces the worker: only the thread of the current epoch may
+    /// change the state.
+    pub(crate) epoch: AtomicU32,
+    /// Milliseconds from `Board::started` to the worker's last sign of life while busy.
+    heartbeat: AtomicU64,
+    /// The requests of the running batch; whoever takes them answers them.
+    pub(crate) running: Mutex<Option<Vec<Entry>>>,
+}
+
+impl Slot {
+    pub(crate) fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub(crate) fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn running(&self) -> std::sync::MutexGuard<'_, Option<Vec<Entry>>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Board {
@@ -116,15 +149,30 @@ impl Board {
                     device: device.clone(),
                     state: AtomicU8::new(WorkerState::Starting as u8),
                     restarts: AtomicU32::new(0),
+                    epoch: AtomicU32::new(0),
+                    heartbeat: AtomicU64::new(0),
+                    running: Mutex::new(None),
                 })
                 .collect(),
+            started: Instant::now(),
         }
     }
 
-    fn set(&self, index: usize, state: WorkerState) {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records a sign of life of worker `index`.
+    fn beat(&self, index: usize) {
         self.slots[index]
-            .state
-            .store(state as u8, Ordering::Release);
+            .heartbeat
+            .store(self.now_ms(), Ordering::Release);
+    }
+
+    /// How long worker `index` has shown no sign of life.
+    pub(crate) fn silent_for(&self, index: usize) -> Duration {
+        let last = self.slots[index].heartbeat.load(Ordering::Acquire);
+        Duration::from_millis(self.now_ms().saturating_sub(last))
     }
 
     pub fn snapshot(&self) -> Vec<WorkerHealth> {
@@ -132,16 +180,14 @@ impl Board {
             .iter()
             .map(|slot| WorkerHealth {
                 device: slot.device.clone(),
-                state: WorkerState::from_u8(slot.state.load(Ordering::Acquire)),
+                state: slot.state(),
                 restarts: slot.restarts.load(Ordering::Relaxed),
             })
             .collect()
     }
 
     pub fn any_serving(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|slot| WorkerState::from_u8(slot.state.load(Ordering::Acquire)).is_serving())
+        self.slots.iter().any(|slot| slot.state().is_serving())
     }
 }
 
@@ -158,6 +204,9 @@ pub(crate) struct Worker {
     pub board: Arc<Board>,
     /// Set by shutdown past its grace period: running batches stop at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// The slot's epoch this worker belongs to (0 for the first; the watchdog's replacements
+    /// count up).
+    pub epoch: u32,
 }
 
 impl Worker {
@@ -167,19 +216,30 @@ impl Worker {
         ready: oneshot::Sender<Result<ModelInfo, StartError>>,
     ) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
-            .name(format!("sana-worker-{}", self.index))
+            .name(thread_name(self.index, self.epoch))
             .spawn(move || self.run(ready))
+    }
+
+    /// Sets this worker's state, unless the watchdog has replaced it.
+    fn set(&self, state: WorkerState) {
+        let slot = &self.board.slots[self.index];
+        if slot.epoch.load(Ordering::Acquire) == self.epoch {
+            slot.set_state(state);
+        }
     }
 
     fn run(self, ready: oneshot::Sender<Result<ModelInfo, StartError>>) {
         let mut backend = match self.build() {
             Ok((backend, info)) => {
-                self.board.set(self.index, WorkerState::Ready);
+                self.set(WorkerState::Ready);
                 let _ = ready.send(Ok(info));
                 backend
             }
             Err(err) => {
-                self.board.set(self.index, WorkerState::Unhealthy);
+                if self.epoch > 0 {
+                    error!(device = %self.device, %err, "the replacement of a hung worker could not build its backend; worker marked unhealthy");
+                }
+                self.set(WorkerState::Unhealthy);
                 let _ = ready.send(Err(err));
                 return;
             }
@@ -190,28 +250,37 @@ impl Worker {
                 batches.blocking_recv()
             };
             let Some(next) = next else { break };
-            self.board.set(self.index, WorkerState::Busy);
-            if let Err(NeedsRebuild(reason)) = run_batch(&mut backend, next, &self.cancel) {
-                self.board.set(self.index, WorkerState::Restarting);
-                ::metrics::counter!(metrics::WORKER_RESTART).increment(1);
-                self.board.slots[self.index]
-                    .restarts
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(device = %self.device, %reason, "rebuilding the backend");
-                // Dropping a backend that panicked may panic again; contain that too.
-                let _ = catch_unwind(AssertUnwindSafe(move || drop(backend)));
-                match self.build() {
-                    Ok((rebuilt, _)) => backend = rebuilt,
-                    Err(err) => {
-                        error!(device = %self.device, %err, "backend rebuild failed; worker marked unhealthy");
-                        self.board.set(self.index, WorkerState::Unhealthy);
-                        return;
+            self.board.beat(self.index);
+            self.set(WorkerState::Busy);
+            match run_batch(&mut backend, next, &self.board, self.index, &self.cancel) {
+                After::Done => {}
+                After::Abandoned => {
+                    warn!(
+                        device = %self.device,
+                        "a batch came back after the watchdog had answered its requests and \
+                         replaced this worker; its thread leaves"
+                    );
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(backend)));
+                    return;
+                }
+                After::Rebuild(reason) => {
+                    ::metrics::counter!(metrics::WORKER_RESTART).increment(1);
+                    warn!(device = %self.device, %reason, "rebuilding the backend");
+                    // Dropping a backend that panicked may panic again; contain that too.
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(backend)));
+                    match self.build() {
+                        Ok((rebuilt, _)) => backend = rebuilt,
+                        Err(err) => {
+                            error!(device = %self.device, %err, "backend rebuild failed; worker marked unhealthy");
+                            self.set(WorkerState::Unhealthy);
+                            return;
+                        }
                     }
                 }
             }
-            self.board.set(self.index, WorkerState::Ready);
+            self.set(WorkerState::Ready);
         }
-        self.board.set(self.index, WorkerState::Stopped);
+        self.set(WorkerState::Stopped);
     }
 
     /// Builds the backend, checks the configuration against it and warms it up.
@@ -287,9 +356,27 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
     }
 }
 
-/// The backend panicked or failed its health check after an error; the reason is for the log.
+/// The name of worker `index`'s thread in `epoch`.
+pub(crate) fn thread_name(index: usize, epoch: u32) -> String {
+    if epoch == 0 {
+        format!("sana-worker-{index}")
+    } else {
+        format!("sana-worker-{index}.{epoch}")
+    }
+}
+
+/// How a batch left its worker.
 #[derive(Debug)]
-struct NeedsRebuild(String);
+enum After {
+    /// Its requests were answered; the backend serves on.
+    Done,
+    /// The backend panicked or failed its health check after an error (the reason, for the
+    /// log): rebuild it.
+    Rebuild(String),
+    /// The watchdog took the batch (and answered its requests) while the backend hung: this
+    /// thread is no longer the slot's worker.
+    Abandoned,
+}
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
@@ -301,12 +388,14 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Runs one batch and answers each of its requests. `Err` when the backend must be rebuilt.
+/// Runs one batch and answers each of its requests.
 fn run_batch(
     backend: &mut Box<dyn Backend>,
     next: NextBatch,
+    board: &Board,
+    index: usize,
     cancel: &AtomicBool,
-) -> Result<(), NeedsRebuild> {
+) -> After {
     let NextBatch {
         key,
         mut entries,
@@ -317,24 +406,32 @@ fn run_batch(
     // The batch may have waited in the prefetch slot: leave out whoever left meanwhile.
     entries.retain_mut(|entry| entry.check_alive(started));
     if entries.is_empty() {
-        return Ok(());
+        return After::Done;
     }
     if cancel.load(Ordering::Relaxed) {
         for entry in &mut entries {
             entry.finish(Err(EngineError::ShuttingDown));
         }
-        return Ok(());
+        return After::Done;
     }
     let batch = Batch {
         key,
         items: entries.iter().map(|entry| entry.item.clone()).collect(),
     };
+    let slot = &board.slots[index];
+    *slot.running() = Some(entries);
     let mut progress = |p: Progress| {
+        board.beat(index);
         if cancel.load(Ordering::Relaxed) {
             return Control::Stop;
         }
+        let running = slot.running();
+        // Taken by the watchdog: nobody waits for this batch any more.
+        let Some(entries) = running.as_ref() else {
+            return Control::Stop;
+        };
         let mut open = false;
-        for entry in &entries {
+        for entry in entries {
             if !entry.responder.is_closed() {
                 open = true;
                 entry.responder.send(Event::Progress {
@@ -359,6 +456,9 @@ fn run_batch(
         }
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| backend.generate(&batch, &mut progress)));
+    let Some(mut entries) = slot.running().take() else {
+        return After::Abandoned;
+    };
     let finished = Instant::now();
     let inference = finished - started;
     ::metrics::histogram!(metrics::BATCH_INFERENCE_DURATION).record(inference.as_secs_f64());
@@ -369,12 +469,16 @@ fn run_batch(
         Err(panic) => {
             let message = panic_message(&*panic);
             error!(panic = %message, "the backend panicked; failing its batch");
+            // Restarting before the answers go out, so that a client reacting to its 500 finds
+            // the worker so marked.
+            slot.set_state(WorkerState::Restarting);
+            slot.count_restart();
             for entry in &mut entries {
                 entry.finish(Err(EngineError::Backend(format!(
                     "the backend panicked: {message}"
                 ))));
             }
-            return Err(NeedsRebuild(format!("it panicked: {message}")));
+            return After::Rebuild(format!("it panicked: {message}"));
         }
     };
     match result {
@@ -408,20 +512,26 @@ fn run_batch(
         }
         Err(err) => {
             error!(%err, "the backend failed a batch");
-            let lifted = EngineError::from(err.clone());
+            let rebuild = match &err {
+                BackendError::Internal(_) => backend.health().err().map(|health| {
+                    format!("it failed its health check ({health}) after an error ({err})")
+                }),
+                _ => None,
+            };
+            if rebuild.is_some() {
+                slot.set_state(WorkerState::Restarting);
+                slot.count_restart();
+            }
+            let lifted = EngineError::from(err);
             for entry in &mut entries {
                 entry.finish(Err(lifted.clone()));
             }
-            if matches!(err, BackendError::Internal(_)) {
-                if let Err(health) = backend.health() {
-                    return Err(NeedsRebuild(format!(
-                        "it failed its health check ({health}) after an error ({err})"
-                    )));
-                }
+            if let Some(reason) = rebuild {
+                return After::Rebuild(reason);
             }
         }
     }
-    Ok(())
+    After::Done
 }
 
 /// The backend kept its side of the contract: `Σn` images of the key's size.

@@ -536,6 +536,106 @@ async fn a_backend_that_fails_its_health_check_after_an_error_is_rebuilt() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_replaced_and_its_requests_are_answered() {
+    let builds = Arc::new(AtomicUsize::new(0));
+    let rebuild = Gate::closed();
+    let release = Gate::closed();
+    let fake = FakeBackend::new()
+        .fail_on("stuck", Failure::Hang)
+        .with_release(release.clone())
+        .with_latency(Latency {
+            per_step: Duration::from_millis(60),
+            ..Latency::default()
+        });
+    let log = fake.log();
+    let factory = {
+        let builds = Arc::clone(&builds);
+        let rebuild = rebuild.clone();
+        let make = fake.factory();
+        move |device: &str| {
+            // The replacement waits for the test, so that its `restarting` state can be seen.
+            if builds.fetch_add(1, Ordering::SeqCst) > 0 {
+                rebuild.wait();
+            }
+            make(device)
+        }
+    };
+    let config = EngineConfig {
+        watchdog_timeout: Some(Duration::from_millis(300)),
+        ..config(1)
+    };
+    let engine = Engine::start(config, factory)
+        .await
+        .expect("the engine starts");
+
+    // Slow steps are not a hang: 8 steps of 60 ms outlast the timeout, each step does not.
+    let slow = GenerateRequest {
+        steps: Some(8),
+        ..request("slow", 64, 64, 1, 1)
+    };
+    assert_right_images(&engine.generate(slow.clone()).await.expect("served"), &slow);
+    assert_eq!(engine.health().workers[0].restarts, 0);
+
+    let result = engine.generate(request("stuck", 64, 64, 2, 1)).await;
+    assert!(
+        matches!(&result, Err(EngineError::WorkerHung { device, .. }) if device == "fake:0"),
+        "{result:?}"
+    );
+    let health = engine.health();
+    assert_eq!(health.workers[0].state, WorkerState::Restarting);
+    assert_eq!(health.workers[0].restarts, 1);
+    assert!(!health.is_ready(), "not ready while the replacement builds");
+    // Admitted meanwhile, served by the replacement.
+    let waiting = request("after", 64, 64, 1, 2);
+    let pending = engine.submit(waiting.clone()).expect("admitted");
+    rebuild.open();
+    assert_right_images(&pending.result().await.expect("served"), &waiting);
+    assert!(engine.health().is_ready());
+    assert_eq!(builds.load(Ordering::SeqCst), 2, "one replacement");
+
+    // The stuck thread comes back: nobody waits for its batch, which stops at the next step,
+    // and it leaves without touching the new worker's slot.
+    release.open();
+    let outcome = || {
+        log.served()
+            .into_iter()
+            .find(|b| b.items[0].prompt == "stuck")
+            .map(|b| b.outcome)
+    };
+    for _ in 0..500 {
+        if outcome() != Some(Outcome::Hung) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(outcome(), Some(Outcome::Cancelled));
+    let again = request("again", 64, 64, 1, 3);
+    assert_right_images(
+        &engine.generate(again.clone()).await.expect("served"),
+        &again,
+    );
+    let health = engine.health();
+    assert_eq!(health.workers[0].state, WorkerState::Ready);
+    assert_eq!(health.workers[0].restarts, 1);
+    let report = engine.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained && report.workers_stopped, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_watchdog_a_hung_worker_holds_its_requests_until_their_timeout() {
+    let fake = FakeBackend::new().fail_on("stuck", Failure::Hang);
+    let config = EngineConfig {
+        watchdog_timeout: None,
+        request_timeout: Duration::from_millis(500),
+        ..config(1)
+    };
+    let engine = start(config, fake).await;
+    let result = engine.generate(request("stuck", 64, 64, 1, 1)).await;
+    assert!(matches!(result, Err(EngineError::Timeout(_))), "{result:?}");
+    assert_eq!(engine.health().workers[0].state, WorkerState::Busy);
+}
+
 /// Builds fine the first time per device and fails every rebuild.
 fn fails_on_rebuild(
     fake: FakeBackend,

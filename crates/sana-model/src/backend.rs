@@ -103,7 +103,7 @@ impl SanaBackend {
         };
         SchedulerConfig::from_json(&json)
             .map(Some)
-            .map_err(|e| BackendError::Internal(e.to_string()))
+            .map_err(|e| BackendError::Model(e.to_string()))
     }
 
     /// RGB8 previews of the requested images from a step's predicted clean latents.
@@ -140,10 +140,35 @@ impl SanaBackend {
     }
 }
 
+/// Sorts a pipeline error by what a retry can do: the client's input (400), out of memory or a
+/// model that cannot run as loaded (500, a retry fails the same way), or anything else (a device
+/// fault, perhaps passing).
 fn backend_error(e: Error) -> BackendError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
     match e {
-        Error::Unsupported { .. } => BackendError::InvalidInput(e.to_string()),
-        other => BackendError::Internal(other.to_string()),
+        Error::Unsupported { .. } => BackendError::InvalidInput(text),
+        _ if lower.contains("out of memory") || lower.contains("out_of_memory") => {
+            BackendError::OutOfMemory(text)
+        }
+        Error::Config { .. }
+        | Error::NoWeights { .. }
+        | Error::Weights(_)
+        | Error::Scheduler(_) => BackendError::Model(text),
+        Error::Candle(_)
+            if [
+                "shape mismatch",
+                "dtype mismatch",
+                "unexpected rank",
+                "unexpected number of dims",
+                "cannot find tensor",
+            ]
+            .iter()
+            .any(|pattern| lower.contains(pattern)) =>
+        {
+            BackendError::Model(text)
+        }
+        _ => BackendError::Internal(text),
     }
 }
 
@@ -230,5 +255,38 @@ impl Backend for SanaBackend {
             .into_iter()
             .map(|img| Image::new(img.width as u32, img.height as u32, img.rgb8))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_errors_are_sorted_by_what_a_retry_can_do() {
+        let oom = Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        assert!(matches!(backend_error(oom), BackendError::OutOfMemory(_)));
+        let a = Tensor::zeros(2, DType::F32, &candle_core::Device::Cpu).expect("a tensor");
+        let b = Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu).expect("a tensor");
+        let mismatch = Error::Candle((&a + &b).expect_err("shapes differ"));
+        assert!(
+            matches!(backend_error(mismatch), BackendError::Model(_)),
+            "a shape mismatch is the model's"
+        );
+        let weights = Error::Weights("missing tensor `x`".into());
+        assert!(matches!(backend_error(weights), BackendError::Model(_)));
+        let unsupported = Error::Unsupported {
+            field: "sampler",
+            value: "x".into(),
+            reason: "no".into(),
+        };
+        assert!(matches!(
+            backend_error(unsupported),
+            BackendError::InvalidInput(_)
+        ));
+        let device = Error::Candle(candle_core::Error::Msg("CUDA_ERROR_LAUNCH_FAILED".into()));
+        assert!(matches!(backend_error(device), BackendError::Internal(_)));
     }
 }

@@ -131,6 +131,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// How long a busy worker may make no progress (no finished denoising step, text encoding or
+    /// decode) before its requests are answered 503 and a new worker replaces it (`0`: never).
+    /// Must exceed the slowest step of the largest batch on this device.
+    #[arg(long, env = "SANA_WATCHDOG_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub watchdog_timeout: Duration,
+
+    /// Longest time a client may take to send a request's headers; slower connections are
+    /// closed (a slow-header client cannot hold a connection open).
+    #[arg(long, env = "SANA_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// How long shutdown (SIGINT/SIGTERM) waits for in-flight requests before cancelling them.
     #[arg(long, env = "SANA_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -366,6 +377,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// Longest time a request may take.
     pub request_timeout: Duration,
+    /// Longest time a client may take to send its headers.
+    pub header_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// Base URL of image links, without a trailing `/`.
@@ -443,6 +456,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
         }
         for (flag, value) in [
             ("--request-timeout", args.request_timeout),
+            ("--header-timeout", args.header_timeout),
             ("--url-ttl", args.url_ttl),
         ] {
             if value.is_zero() {
@@ -518,6 +532,8 @@ impl TryFrom<ServeArgs> for ServerConfig {
                 max_prompt_chars: args.max_prompt_chars,
                 max_previews: MAX_PARTIAL_IMAGES,
                 request_timeout: args.request_timeout,
+                watchdog_timeout: (!args.watchdog_timeout.is_zero())
+                    .then_some(args.watchdog_timeout),
                 warmup_steps: args.warmup_steps,
             },
             api_keys: ApiKeys::new(keys.iter().map(String::as_str)),
@@ -525,6 +541,7 @@ impl TryFrom<ServeArgs> for ServerConfig {
             max_body_bytes: args.max_body_bytes,
             max_upload_bytes: args.max_upload_bytes,
             request_timeout: args.request_timeout,
+            header_timeout: args.header_timeout,
             shutdown_grace: args.shutdown_grace,
             public_url,
             url_ttl: args.url_ttl,

@@ -13,8 +13,13 @@
 //! - 401 `authentication`, 404 `not_found`, 405 `method_not_allowed`, 413 `payload_too_large`,
 //!   415 `unsupported_media_type`, 429 `rate_limited` (per-key limit) or `overloaded` (admission),
 //!   both with `Retry-After`;
-//! - 5xx: 503 `unhealthy`/`shutting_down`/`cancelled` with `Retry-After`, 504 `timeout`, 500
-//!   `backend`/`internal`. 5xx messages are generic; the detail goes to the log.
+//! - 5xx: 503 `unhealthy`/`worker_hung`/`shutting_down`/`cancelled` with `Retry-After`, 504 `timeout`, 500
+//!   `backend`/`internal`, and 500 `out_of_memory`/`model`/`url_store` for failures the same
+//!   request meets again. 5xx messages say no more than that; the detail goes to the log.
+//!
+//! Retries: every 429 and 503 carries `Retry-After` and `x-should-retry: true`; the failures that
+//! repeat carry `x-should-retry: false`, which OpenAI's SDKs obey over their default of retrying
+//! every 5xx; other 5xx leave the choice to the client.
 //!
 //! `type` is the engine's `EngineError::error_type()` where the engine is the source, so the
 //! envelope and the `sana_request_failure{err=…}` metric use the same words.
@@ -64,6 +69,8 @@ pub struct ApiError {
     param: Option<String>,
     code: Option<&'static str>,
     retry_after: Option<u64>,
+    /// `x-should-retry`: OpenAI's SDKs obey it over their own rules (which retry every 5xx).
+    should_retry: Option<bool>,
 }
 
 impl ApiError {
@@ -75,6 +82,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -90,7 +98,41 @@ impl ApiError {
 
     fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self.should_retry = Some(true);
         self
+    }
+
+    /// A failure the same request meets again: clients should not retry it as is.
+    fn final_failure(mut self) -> Self {
+        self.should_retry = Some(false);
+        self
+    }
+
+    /// 503 from `/ready`, naming each worker's state.
+    pub fn not_ready(shutting_down: bool, workers: &str) -> Self {
+        let err = if shutting_down {
+            EngineError::ShuttingDown
+        } else {
+            EngineError::Unhealthy
+        };
+        let mut api = Self::from(err);
+        api.message = format!("not ready: {} (workers: {workers})", api.message);
+        api
+    }
+
+    /// 500: a `url` image does not fit the image store.
+    pub fn url_store_full(err: &crate::store::TooLarge) -> Self {
+        tracing::error!(%err, "url store refused an image");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "url_store",
+            format!(
+                "this server cannot keep the image for a link: {err}; ask for \
+                 `response_format: \"b64_json\"` to get the image in the answer"
+            ),
+        )
+        .code("url_store_full")
+        .final_failure()
     }
 
     /// 400: a field holds a value the API never accepts.
@@ -263,13 +305,34 @@ impl ApiError {
                 err.error_type(),
                 err.to_string(),
             ),
-            err @ (EngineError::Unhealthy | EngineError::ShuttingDown | EngineError::Cancelled) => {
+            err @ (EngineError::Unhealthy
+            | EngineError::WorkerHung { .. }
+            | EngineError::ShuttingDown
+            | EngineError::Cancelled) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                err.error_type(),
+                err.to_string(),
+            )
+            .retry_after(RETRY_AFTER_SECS),
+            EngineError::OutOfMemory(detail) => {
+                tracing::error!(error = %detail, "out of memory");
                 Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    err.error_type(),
-                    err.to_string(),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "out_of_memory",
+                    "the device ran out of memory generating this request's batch; a smaller \
+                     size or fewer images (`n`) may fit, the same request will fail again",
                 )
-                .retry_after(RETRY_AFTER_SECS)
+                .final_failure()
+            }
+            EngineError::Model(detail) => {
+                tracing::error!(error = %detail, "the model cannot run a request");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "model",
+                    "the model as loaded cannot run this request (its config or weights are \
+                     wrong; see the server log); the same request will fail again",
+                )
+                .final_failure()
             }
             err => {
                 tracing::error!(error = %err, "generation failed");
@@ -293,10 +356,22 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!(crate::metrics::HTTP_FAILURE, "err" => self.kind).increment(1);
         let mut response = (self.status, axum::Json(self.body())).into_response();
-        if let Some(seconds) = self.retry_after {
+        // Every 429 and 503 says when to come back.
+        let retry_after = self.retry_after.or(matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        )
+        .then_some(RETRY_AFTER_SECS));
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(retry) = retry_after.map(|_| true).or(self.should_retry) {
+            response.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -559,12 +634,37 @@ mod tests {
                 true,
             ),
             (
-                EngineError::Backend("CUDA_ERROR_OUT_OF_MEMORY at 0xdead".into()),
+                EngineError::WorkerHung {
+                    device: "cuda:0".into(),
+                    silent: Duration::from_secs(300),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+                true,
+            ),
+            (
+                EngineError::Backend("CUDA_ERROR_LAUNCH_FAILED at 0xdead".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                false,
+            ),
+            (
+                EngineError::OutOfMemory("CUDA_ERROR_OUT_OF_MEMORY at 0xdead".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                false,
+            ),
+            (
+                EngineError::Model("shape mismatch at 0xdead".into()),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 false,
             ),
         ];
         for (engine, status, retry) in cases {
+            // Retry-After and `x-should-retry: true` together; `false` where the same request
+            // fails the same way; nothing where a retry may help (the SDK decides).
+            let should_retry = match &engine {
+                EngineError::OutOfMemory(_) | EngineError::Model(_) => Some("false"),
+                _ if retry => Some("true"),
+                _ => None,
+            };
             let kind = engine.error_type();
             let err = ApiError::from(engine);
             assert_eq!(err.status(), status, "{kind}");
@@ -577,6 +677,14 @@ mod tests {
             assert_eq!(
                 response.headers().contains_key(header::RETRY_AFTER),
                 retry,
+                "{kind}"
+            );
+            assert_eq!(
+                response
+                    .headers()
+                    .get("x-should-retry")
+                    .and_then(|v| v.to_str().ok()),
+                should_retry,
                 "{kind}"
             );
             assert!(

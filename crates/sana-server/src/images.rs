@@ -258,7 +258,7 @@ pub(crate) async fn answer(
                         plan.output_format.content_type(),
                         plan.output_format.as_str(),
                     )
-                    .map_err(ApiError::internal)?;
+                    .map_err(|err| ApiError::url_store_full(&err))?;
                 (None, Some(format!("{base}{FILES_PATH}/{name}")))
             }
         };

@@ -20,6 +20,7 @@ pub mod edits;
 pub mod encode;
 pub mod error;
 pub mod images;
+pub mod listener;
 pub mod meta;
 pub mod metrics;
 pub mod openapi;
@@ -242,16 +243,16 @@ where
             engine.shutdown(grace).await
         })
     };
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            info!(
-                grace_secs = grace.as_secs_f64(),
-                "shutdown signal; draining"
-            );
-            let _ = stop_tx.send(());
-        })
-        .await;
+    let header_timeout = state.config().header_timeout;
+    let served = listener::serve_http(listener, app(state), header_timeout, async move {
+        shutdown.await;
+        info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutdown signal; draining"
+        );
+        let _ = stop_tx.send(());
+    })
+    .await;
     let report = drain.await.unwrap_or_else(|err| {
         warn!(%err, "the drain task failed");
         ShutdownReport {

@@ -90,18 +90,14 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<ReadyResponse>,
             workers: workers(&health.workers),
         }));
     }
-    let err = if health.shutting_down {
-        sana_engine::EngineError::ShuttingDown
-    } else {
-        sana_engine::EngineError::Unhealthy
-    };
     let states: Vec<String> = health
         .workers
         .iter()
         .map(|w| format!("{}: {}", w.device, w.state.as_str()))
         .collect();
-    tracing::warn!(workers = %states.join(", "), "not ready");
-    Err(ApiError::from(err))
+    let states = states.join(", ");
+    tracing::warn!(workers = %states, "not ready");
+    Err(ApiError::not_ready(health.shutting_down, &states))
 }
 
 /// What is served and what a request may ask for.

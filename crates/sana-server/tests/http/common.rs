@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
 use clap::Parser;
 use http_body_util::BodyExt;
-use sana_engine::sana_backend::{Image, ModelInfo};
+use sana_engine::sana_backend::{Backend, BackendError, Image, ModelInfo};
 use sana_engine::testing::{BatchLog, FakeBackend, RecordedBatch};
 use sana_engine::Engine;
 use sana_server::error::ErrorDetail;
@@ -46,6 +46,15 @@ pub async fn server(flags: &[&str]) -> TestServer {
 
 /// A server over `fake`.
 pub async fn server_with(flags: &[&str], fake: FakeBackend) -> TestServer {
+    let log = fake.log();
+    server_from(flags, fake.factory(), log).await
+}
+
+/// A server whose engine builds its backends with `factory`; `log` is what they record into.
+pub async fn server_from<F>(flags: &[&str], factory: F, log: BatchLog) -> TestServer
+where
+    F: Fn(&str) -> Result<Box<dyn Backend>, BackendError> + Send + Sync + 'static,
+{
     let mut argv = vec!["sana serve", "--model", "fake/sana", "--warmup-steps", "0"];
     if !flags.contains(&"--devices") {
         argv.extend(["--devices", "fake:0"]);
@@ -53,8 +62,7 @@ pub async fn server_with(flags: &[&str], fake: FakeBackend) -> TestServer {
     argv.extend_from_slice(flags);
     let args = ServeArgs::try_parse_from(argv).expect("test flags parse");
     let config = ServerConfig::try_from(args).expect("test flags are valid");
-    let log = fake.log();
-    let engine = Engine::start(config.engine.clone(), fake.factory())
+    let engine = Engine::start(config.engine.clone(), factory)
         .await
         .expect("the engine starts");
     let clock = ManualClock::new();

@@ -9,6 +9,7 @@ mod cancel;
 mod common;
 mod edits;
 mod errors;
+mod faults;
 mod images;
 mod ops;
 mod playground;
