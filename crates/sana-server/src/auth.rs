@@ -10,14 +10,15 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::config::KeyId;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::Clock;
 
-/// Who is calling: the index of the API key that matched, or `None` when authentication is off.
+/// Who is calling: the id of the API key that matched, or `None` when authentication is off.
 /// Put in the request's extensions by [`require_key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Caller(pub Option<usize>);
+pub struct Caller(pub Option<KeyId>);
 
 /// Middleware: answers 401 unless the request carries `Authorization: Bearer <key>` with a
 /// configured key; lets everything through when no key is configured.
@@ -41,10 +42,18 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
         )
         .into_response();
     };
-    match keys.find(token) {
-        Some(index) => {
-            req.extensions_mut().insert(Caller(Some(index)));
-            next.run(req).await
+    match keys.identify(token) {
+        Some(id) => {
+            req.extensions_mut().insert(Caller(Some(id)));
+            let response = next.run(req).await;
+            // Per key, by its id (never the key): requests and their status.
+            metrics::counter!(
+                crate::metrics::KEY_REQUESTS,
+                "key" => id.to_string(),
+                "status" => response.status().as_str().to_owned()
+            )
+            .increment(1);
+            response
         }
         None => ApiError::unauthorized("invalid API key").into_response(),
     }
@@ -131,8 +140,10 @@ mod tests {
     fn a_burst_of_the_limit_passes_then_callers_wait_for_refill() {
         let clock = ManualClock::new();
         let limiter = RateLimiter::new(2, clock.clone());
-        let alice = Caller(Some(0));
-        let bob = Caller(Some(1));
+        let keys = crate::config::ApiKeys::new(["sk-alice", "sk-bob"]);
+        let alice = Caller(keys.identify("sk-alice"));
+        let bob = Caller(keys.identify("sk-bob"));
+        assert_ne!(alice, bob);
         assert_eq!(limiter.check(alice), Ok(()));
         assert_eq!(limiter.check(alice), Ok(()));
         assert_eq!(

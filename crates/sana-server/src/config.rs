@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -203,7 +203,7 @@ pub struct ServeArgs {
 /// values optionally in single or double quotes), blank lines and `#` comments skipped. Every key
 /// must be one of the server's environment variables; an unknown one is refused by name (a typo
 /// would otherwise be silently ignored).
-pub fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
     use clap::CommandFactory;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let known: Vec<String> = ServeArgs::command()
@@ -250,7 +250,7 @@ pub fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, St
 
 /// [`ServeArgs`] from an env file alone (what a preset in `configs/` means without other flags or
 /// environment), for checking presets.
-pub fn args_from_env_file(path: &std::path::Path) -> Result<ServeArgs, String> {
+pub fn args_from_env_file(path: &Path) -> Result<ServeArgs, String> {
     use clap::CommandFactory;
     let pairs = read_env_file(path)?;
     let cmd = ServeArgs::command();
@@ -319,6 +319,19 @@ impl ApiKeys {
         self.digests.is_empty()
     }
 
+    /// These keys and `other`'s.
+    pub fn merged(&self, other: &ApiKeys) -> ApiKeys {
+        let mut digests = self.digests.clone();
+        digests.extend_from_slice(&other.digests);
+        ApiKeys { digests }
+    }
+
+    /// The id of the key `presented` matches (see [`KeyId`]), in constant time.
+    pub fn identify(&self, presented: &str) -> Option<KeyId> {
+        self.find(presented)
+            .map(|index| KeyId::of(&self.digests[index]))
+    }
+
     /// The index of the key `presented` matches, comparing against every key in constant time
     /// (no early exit), so timing tells nothing about which key or how much of it matched.
     pub fn find(&self, presented: &str) -> Option<usize> {
@@ -339,6 +352,49 @@ impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ApiKeys({} key(s), <redacted>)", self.digests.len())
     }
+}
+
+/// A key's public name: the first 8 hex digits of its SHA-256 (`printf %s "$KEY" | sha256sum |
+/// cut -c1-8`), in metrics and logs where the key itself must never appear. Stable across key
+/// file reloads, so rate limits and metrics follow the key, not its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(u32);
+
+impl KeyId {
+    fn of(digest: &[u8; 32]) -> Self {
+        Self(u32::from_be_bytes([
+            digest[0], digest[1], digest[2], digest[3],
+        ]))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
+/// The keys of a key file: one per line, trimmed; blank lines and `#` comments skipped. A file
+/// without a key is an error (it would turn authentication off).
+pub fn read_key_file(path: &Path) -> Result<ApiKeys, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigError(format!(
+            "--api-key-file {}: cannot read it: {err}",
+            path.display()
+        ))
+    })?;
+    let keys = ApiKeys::new(
+        text.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#')),
+    );
+    if keys.is_empty() {
+        return Err(ConfigError(format!(
+            "--api-key-file {} holds no key; put one key per line",
+            path.display()
+        )));
+    }
+    Ok(keys)
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -367,8 +423,13 @@ pub struct ServerConfig {
     pub served_model_name: Option<String>,
     /// How the engine runs.
     pub engine: EngineConfig,
-    /// Accepted API keys; empty means no authentication.
+    /// Accepted API keys at start (`--api-key` and the key file); empty means no
+    /// authentication.
     pub api_keys: ApiKeys,
+    /// The keys of `--api-key`, which a reload of the key file keeps.
+    pub flag_keys: ApiKeys,
+    /// `--api-key-file`, read again on SIGHUP.
+    pub api_key_file: Option<PathBuf>,
     /// Generations per minute per key.
     pub rate_limit: Option<u32>,
     /// Largest request body in bytes.
@@ -413,27 +474,11 @@ impl TryFrom<ServeArgs> for ServerConfig {
             }
             keys.push(key.trim().to_owned());
         }
-        if let Some(path) = &args.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                ConfigError(format!(
-                    "--api-key-file {}: cannot read it: {err}",
-                    path.display()
-                ))
-            })?;
-            let before = keys.len();
-            keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
-                    .map(str::to_owned),
-            );
-            if keys.len() == before {
-                return invalid(format!(
-                    "--api-key-file {} holds no key; put one key per line",
-                    path.display()
-                ));
-            }
-        }
+        let flag_keys = ApiKeys::new(keys.iter().map(String::as_str));
+        let api_keys = match &args.api_key_file {
+            Some(path) => flag_keys.merged(&read_key_file(path)?),
+            None => flag_keys.clone(),
+        };
         if args.rate_limit == Some(0) {
             return invalid(
                 "--rate-limit is 0, which would refuse every request; give at least 1 or leave \
@@ -536,7 +581,9 @@ impl TryFrom<ServeArgs> for ServerConfig {
                     .then_some(args.watchdog_timeout),
                 warmup_steps: args.warmup_steps,
             },
-            api_keys: ApiKeys::new(keys.iter().map(String::as_str)),
+            api_keys,
+            flag_keys,
+            api_key_file: args.api_key_file,
             rate_limit: args.rate_limit,
             max_body_bytes: args.max_body_bytes,
             max_upload_bytes: args.max_upload_bytes,

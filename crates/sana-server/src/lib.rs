@@ -243,6 +243,7 @@ where
             engine.shutdown(grace).await
         })
     };
+    let reloads = tokio::spawn(reload_keys_on_hangup(state.clone()));
     let header_timeout = state.config().header_timeout;
     let served = listener::serve_http(listener, app(state), header_timeout, async move {
         shutdown.await;
@@ -264,9 +265,39 @@ where
     if let Some(upkeep) = upkeep {
         upkeep.abort();
     }
+    reloads.abort();
     served?;
     info!(?report, "stopped");
     Ok(report)
+}
+
+/// Reads `--api-key-file` again on every SIGHUP (without a file, SIGHUP changes nothing, and
+/// does not stop the server as it would by default).
+async fn reload_keys_on_hangup(state: AppState) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(err) => {
+                warn!(%err, "cannot listen for SIGHUP; the API key file is read at start only");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match (&state.config().api_key_file, state.reload_api_keys()) {
+                (None, _) => info!("SIGHUP: no --api-key-file to reload"),
+                (Some(path), Ok(keys)) => {
+                    info!(file = %path.display(), keys, "SIGHUP: API keys reloaded")
+                }
+                (Some(_), Err(err)) => {
+                    tracing::error!(%err, "SIGHUP: API keys not reloaded; the previous keys stay")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(state);
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

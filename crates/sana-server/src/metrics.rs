@@ -10,6 +10,11 @@ use sana_engine::metrics as names;
 /// what the engine never sees: malformed bodies, authentication, rate limits, unknown routes.
 pub const HTTP_FAILURE: &str = "sana_http_failure";
 
+/// Requests that presented a valid API key, labelled `key` = its [`crate::config::KeyId`] (the
+/// first 8 hex digits of the key's SHA-256, never the key) and `status` = the HTTP status
+/// (counter). A stream counts when its response starts.
+pub const KEY_REQUESTS: &str = "sana_key_requests";
+
 /// Latency buckets in seconds: a 1-step 512² image to a queued 4K batch.
 const SECONDS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -50,5 +55,9 @@ fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError
         .install_recorder()?;
     names::describe();
     metrics::describe_counter!(HTTP_FAILURE, "Error answers of the HTTP API, by type");
+    metrics::describe_counter!(
+        KEY_REQUESTS,
+        "Requests with a valid API key, by key id (SHA-256 prefix) and status"
+    );
     Ok(handle)
 }

@@ -1,14 +1,14 @@
 //! What every handler shares: the engine, the validated configuration, the key set, the rate
 //! limiter, the url store and the metrics handle. A cheap `Clone` handle.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use sana_engine::Engine;
 
 use crate::auth::RateLimiter;
-use crate::config::{ApiKeys, ServerConfig};
+use crate::config::{read_key_file, ApiKeys, ConfigError, ServerConfig};
 use crate::store::{Clock, ImageStore, SystemClock};
 
 /// The state of [`crate::app`].
@@ -26,6 +26,8 @@ struct Inner {
     limiter: Option<RateLimiter>,
     metrics: Option<PrometheusHandle>,
     started_unix: u64,
+    /// The keys in force: `--api-key` plus the key file as last read.
+    api_keys: RwLock<Arc<ApiKeys>>,
 }
 
 impl AppState {
@@ -48,12 +50,13 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 engine,
-                config,
                 served_model_name,
                 store,
                 limiter,
                 metrics: crate::metrics::handle(),
                 started_unix: unix_now(),
+                api_keys: RwLock::new(Arc::new(config.api_keys.clone())),
+                config,
             }),
         }
     }
@@ -78,8 +81,34 @@ impl AppState {
         &self.inner.store
     }
 
-    pub(crate) fn api_keys(&self) -> &ApiKeys {
-        &self.inner.config.api_keys
+    /// The keys in force.
+    pub fn api_keys(&self) -> Arc<ApiKeys> {
+        Arc::clone(
+            &self
+                .inner
+                .api_keys
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Reads `--api-key-file` again (on SIGHUP) and puts its keys, with `--api-key`'s, in force
+    /// for the next request; returns how many keys are in force. When the file cannot be read or
+    /// holds no key, the keys in force stay and the error says why: a bad edit never turns
+    /// authentication off or locks everyone out.
+    pub fn reload_api_keys(&self) -> Result<usize, ConfigError> {
+        let config = &self.inner.config;
+        let Some(path) = &config.api_key_file else {
+            return Ok(self.api_keys().len());
+        };
+        let keys = config.flag_keys.merged(&read_key_file(path)?);
+        let count = keys.len();
+        *self
+            .inner
+            .api_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+        Ok(count)
     }
 
     pub(crate) fn rate_limiter(&self) -> Option<&RateLimiter> {

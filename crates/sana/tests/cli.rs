@@ -499,3 +499,51 @@ fn generate_from_an_nvlabs_checkpoint() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && msg.contains("latent"), "{msg}");
 }
+
+#[test]
+fn serve_reloads_its_key_file_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("sana-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    std::fs::write(&file, "sk-file-one\n").unwrap();
+    let server = serve(&[
+        "--api-key",
+        "sk-flag",
+        "--api-key-file",
+        file.to_str().unwrap(),
+    ]);
+    let port = server.port;
+    let status = |key: &str| match ureq::get(&format!("http://127.0.0.1:{port}/v1/models"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .call()
+    {
+        Ok(resp) => resp.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(err) => panic!("{err}"),
+    };
+    assert_eq!(status("sk-file-one"), 200);
+    assert_eq!(status("sk-file-two"), 401);
+    std::fs::write(&file, "sk-file-two\n").unwrap();
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    while status("sk-file-two") != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new key never worked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status("sk-file-one"), 401, "the old key is gone");
+    assert_eq!(status("sk-flag"), 200, "--api-key stays");
+    // SIGHUP reloads, it does not stop the server.
+    assert_eq!(status("sk-file-two"), 200);
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("API keys reloaded"), "{log}");
+    assert!(!log.contains("sk-"), "a key was logged: {log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

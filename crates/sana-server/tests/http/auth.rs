@@ -199,3 +199,58 @@ async fn without_keys_the_rate_limit_is_shared() {
     answer.expect_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", None);
     assert_eq!(answer.header("retry-after"), Some("60"));
 }
+
+/// The id metrics and logs use for `key`: the first 8 hex digits of its SHA-256.
+fn key_id(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn the_key_file_is_read_again_on_reload_and_a_bad_edit_keeps_the_old_keys() {
+    let dir = std::env::temp_dir().join(format!("sana-key-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("keys");
+    std::fs::write(&file, "# team a\nsk-file-a\n").expect("written");
+    let path = file.to_str().expect("utf-8");
+    let server = server(&["--api-key", "sk-flag", "--api-key-file", path]).await;
+    let status = |key: &'static str| {
+        let app = server.app.clone();
+        async move {
+            call(&app, with_key(get("/v1/models"), &format!("Bearer {key}")))
+                .await
+                .status
+        }
+    };
+    assert_eq!(status("sk-file-a").await, StatusCode::OK);
+    assert_eq!(status("sk-file-b").await, StatusCode::UNAUTHORIZED);
+
+    std::fs::write(&file, "sk-file-b\n").expect("written");
+    assert_eq!(server.state.reload_api_keys().expect("reloaded"), 2);
+    assert_eq!(status("sk-file-a").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("sk-file-b").await, StatusCode::OK);
+    assert_eq!(status("sk-flag").await, StatusCode::OK, "flag keys stay");
+
+    // An emptied or vanished file would turn authentication off or lock everyone out: refused,
+    // and the keys in force stay.
+    std::fs::write(&file, "# nobody\n\n").expect("written");
+    let err = server.state.reload_api_keys().expect_err("no key");
+    assert!(err.to_string().contains("holds no key"), "{err}");
+    std::fs::remove_file(&file).expect("removed");
+    let err = server.state.reload_api_keys().expect_err("no file");
+    assert!(err.to_string().contains("cannot read"), "{err}");
+    assert_eq!(status("sk-file-b").await, StatusCode::OK);
+    assert_eq!(status("nothing").await, StatusCode::UNAUTHORIZED);
+
+    // Per-key metrics, by key id.
+    let metrics = call(&server.app, with_key(get("/metrics"), "Bearer sk-flag")).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let line = format!(
+        "sana_key_requests{{key=\"{}\",status=\"200\"}}",
+        key_id("sk-file-b")
+    );
+    assert!(text.contains(&line), "{line} missing from:\n{text}");
+    assert!(!text.contains("sk-"), "a key in the metrics");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

@@ -33,6 +33,7 @@ pub fn model_info() -> ModelInfo {
 /// A running engine and the router over it.
 pub struct TestServer {
     pub app: Router,
+    pub state: AppState,
     pub engine: Engine,
     pub log: BatchLog,
     pub clock: Arc<ManualClock>,
@@ -68,7 +69,8 @@ where
     let clock = ManualClock::new();
     let state = AppState::with_clock(engine.clone(), config, clock.clone());
     TestServer {
-        app: app(state),
+        app: app(state.clone()),
+        state,
         engine,
         log,
         clock,
