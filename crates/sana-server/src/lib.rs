@@ -121,6 +121,7 @@ fn cors_layer(cors: &config::Cors) -> Option<CorsLayer> {
                 HeaderName::from_static("x-inference-time"),
                 HeaderName::from_static("x-total-time"),
                 HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-should-retry"),
                 header::RETRY_AFTER,
             ])
             .max_age(Duration::from_secs(3600)),

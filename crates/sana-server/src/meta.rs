@@ -80,7 +80,9 @@ fn workers(health: &[WorkerHealth]) -> Vec<WorkerInfo> {
 /// Readiness: the model is loaded, a worker can serve and the server is not shutting down.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses((status = 200, body = ReadyResponse), (status = 401, body = ErrorResponse),
-        (status = 503, description = "Not ready: shutting down or no healthy worker", body = ErrorResponse)),
+        (status = 503, description = "Not ready: shutting down, or no worker ready (loading, rebuilding after a panic, replacing a hung worker); the message names each worker's state", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait"),
+                ("x-should-retry" = String, description = "`true`")))),
     security(("api_key" = [])))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<ReadyResponse>, ApiError> {
     let health = state.engine().health();
