@@ -615,6 +615,13 @@ async fn a_hung_worker_is_replaced_and_its_requests_are_answered() {
         &engine.generate(again.clone()).await.expect("served"),
         &again,
     );
+    // The worker turns ready just after it answers; the stuck thread must not have changed that.
+    for _ in 0..500 {
+        if engine.health().workers[0].state == WorkerState::Ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let health = engine.health();
     assert_eq!(health.workers[0].state, WorkerState::Ready);
     assert_eq!(health.workers[0].restarts, 1);
