@@ -261,8 +261,9 @@ async fn a_client_that_leaves_a_stream_frees_its_slot_within_one_step() {
         }
     }
     let log = server.log.clone();
-    let at_leave = log.served()[0].steps_run;
     drop(body);
+    // Read after leaving: the step the model had reached once the client was gone.
+    let at_leave = log.served()[0].steps_run;
     wait_until("the batch ends", || {
         log.served()[0].outcome != Outcome::Running
     })
