@@ -114,6 +114,103 @@ pub struct ModelInfo {
     pub samplers: Vec<Sampler>,
     /// Most images one [`Backend::generate`] call may be given (before CFG doubles the rows).
     pub max_batch_images: usize,
+    /// LoRA adapters loaded at start-up, which requests choose by name ([`BatchItem::lora`]).
+    #[serde(default)]
+    pub loras: Vec<LoraInfo>,
+    /// Transformer blocks, for PAG's [`BatchKey::pag_layers`].
+    #[serde(default)]
+    pub transformer_layers: u32,
+    /// Whether perturbed-attention guidance is available (not for SANA-Sprint).
+    #[serde(default)]
+    pub pag_supported: bool,
+    /// PAG scale when a request does not say: 3.0 for `SanaPAGPipeline` folders, 0 (off) else.
+    #[serde(default)]
+    pub default_pag_scale: f32,
+}
+
+/// A loaded LoRA adapter as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraInfo {
+    /// The name requests use.
+    pub name: String,
+    /// Where it was loaded from (a path or a Hub id).
+    pub source: String,
+    /// Modules it changes.
+    pub modules: u32,
+    /// Its distinct ranks, ascending.
+    pub ranks: Vec<u32>,
+}
+
+/// One adapter a request applies, with its scale (multiplying the adapter's own `alpha / r`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraChoice {
+    /// A name from [`ModelInfo::loras`].
+    pub name: String,
+    /// Finite; 1 is the adapter as trained, 0 switches it off.
+    pub scale: f32,
+}
+
+/// A set of transformer blocks (PAG's applied layers): bit `i` is block `i`, up to
+/// [`LayerSet::MAX_LAYERS`] blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LayerSet(u128);
+
+impl LayerSet {
+    /// The most blocks a set can name (Sana's largest transformer has 60).
+    pub const MAX_LAYERS: u32 = 128;
+
+    /// The set of `indices` (each below [`Self::MAX_LAYERS`]).
+    pub fn from_indices(indices: impl IntoIterator<Item = u32>) -> Result<Self, String> {
+        let mut bits = 0u128;
+        for i in indices {
+            if i >= Self::MAX_LAYERS {
+                return Err(format!("block index {i} is above {}", Self::MAX_LAYERS - 1));
+            }
+            bits |= 1u128 << i;
+        }
+        Ok(Self(bits))
+    }
+
+    /// Block indices, ascending.
+    pub fn indices(self) -> impl Iterator<Item = u32> {
+        (0..Self::MAX_LAYERS).filter(move |&i| self.0 & (1u128 << i) != 0)
+    }
+
+    /// Whether no block is in the set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// diffusers' `pag_applied_layers` resolved for a transformer of `num_layers` blocks: an entry
+/// that is an integer selects that block; any other entry is a regular expression searched in each
+/// block's self-attention name `transformer_blocks.<i>.attn1`, as diffusers' `SanaPAGPipeline`
+/// matches them (so `transformer_blocks.1` also selects blocks 10–19; `transformer_blocks\.1\.`
+/// or `1` select block 1 alone). Every entry must select at least one block.
+pub fn resolve_pag_layers(num_layers: u32, specs: &[String]) -> Result<LayerSet, String> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let spec = spec.trim();
+        let found: Vec<u32> = if let Ok(i) = spec.parse::<u32>() {
+            (i < num_layers).then_some(i).into_iter().collect()
+        } else {
+            let re = regex::Regex::new(spec).map_err(|e| {
+                format!("`{spec}` is neither a block index nor a regular expression: {e}")
+            })?;
+            (0..num_layers)
+                .filter(|i| re.is_match(&format!("transformer_blocks.{i}.attn1")))
+                .collect()
+        };
+        if found.is_empty() {
+            let last = num_layers.saturating_sub(1);
+            return Err(format!(
+                "`{spec}` selects none of the transformer's {num_layers} blocks (give an index \
+                 0–{last}, or a name such as `transformer_blocks.{last}`)"
+            ));
+        }
+        out.extend(found);
+    }
+    LayerSet::from_indices(out)
 }
 
 /// Everything that must be equal for requests to share one forward pass.
@@ -135,19 +232,18 @@ pub struct BatchKey {
     /// text-to-image. Every item of an edit batch carries an [`Edit`], and they all start at the
     /// same step ([`edit_first_step`]) because the sampler's state is per batch.
     pub strength_permille: Option<u16>,
+    /// Perturbed-attention guidance on these blocks (every item has a PAG scale > 0): each image
+    /// takes one more row, whose self-attention in these blocks is the identity.
+    pub pag_layers: Option<LayerSet>,
 }
 
 impl BatchKey {
     /// Latent tokens one image of this key costs in a transformer forward:
-    /// `(height/32)·(width/32)`, doubled when CFG is on.
+    /// `(height/32)·(width/32)` per row: one row, a second with CFG, another with PAG.
     pub fn latent_tokens_per_image(&self) -> usize {
         let side = LATENT_PIXELS_PER_TOKEN_SIDE;
         let tokens = (self.height / side) as usize * (self.width / side) as usize;
-        if self.cfg {
-            2 * tokens
-        } else {
-            tokens
-        }
+        tokens * (1 + usize::from(self.cfg) + usize::from(self.pag_layers.is_some()))
     }
 }
 
@@ -169,7 +265,7 @@ pub fn cfg_enabled(guidance_scale: f32) -> bool {
 }
 
 /// One request's share of a batch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BatchItem {
     /// The prompt as the user wrote it; the model applies its prompt template (Sana's "complex
     /// human instruction" prefix), tokenizes and truncates.
@@ -187,6 +283,13 @@ pub struct BatchItem {
     pub previews: u32,
     /// An edit's image and mask; `Some` exactly when the batch key has a strength.
     pub edit: Option<Edit>,
+    /// LoRA adapters for this item's images (names from [`ModelInfo::loras`], each once).
+    /// Batchmates may choose different ones: the backend applies them per row, unmerged.
+    pub lora: Vec<LoraChoice>,
+    /// PAG scale (> 0 exactly when the key has `pag_layers`).
+    pub pag_scale: f32,
+    /// PAG's adaptive scale: at timestep `t` the scale is `max(0, pag_scale − this·(1000 − t))`.
+    pub pag_adaptive_scale: f32,
 }
 
 /// What an edit starts from: the image and, for inpainting, the area to repaint.
@@ -403,6 +506,7 @@ mod tests {
             sampler: Sampler::DpmSolverMultistep,
             cfg,
             strength_permille: None,
+            pag_layers: None,
         }
     }
 
@@ -411,6 +515,44 @@ mod tests {
         assert_eq!(key(1024, 1024, false).latent_tokens_per_image(), 32 * 32);
         assert_eq!(key(1024, 1024, true).latent_tokens_per_image(), 2 * 32 * 32);
         assert_eq!(key(512, 1024, false).latent_tokens_per_image(), 16 * 32);
+    }
+
+    #[test]
+    fn pag_adds_a_row_per_image() {
+        let mut k = key(1024, 1024, true);
+        k.pag_layers = Some(LayerSet::from_indices([8]).expect("a block"));
+        assert_eq!(k.latent_tokens_per_image(), 3 * 32 * 32);
+        k.cfg = false;
+        assert_eq!(k.latent_tokens_per_image(), 2 * 32 * 32);
+    }
+
+    #[test]
+    fn pag_layers_resolve_as_diffusers_matches_them() {
+        let r = |n: u32, specs: &[&str]| {
+            let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+            resolve_pag_layers(n, &specs).map(|set| set.indices().collect::<Vec<_>>())
+        };
+        assert_eq!(r(28, &["transformer_blocks.8"]), Ok(vec![8]));
+        assert_eq!(r(28, &["14", "3", "3"]), Ok(vec![3, 14]));
+        // diffusers searches the name as a regular expression: blocks.1 also hits 10–19.
+        assert_eq!(
+            r(28, &["transformer_blocks.1"]),
+            Ok(vec![1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
+        );
+        assert_eq!(r(28, &[r"blocks\.1\."]), Ok(vec![1]));
+        assert_eq!(r(20, &["blocks.(2|5)"]), Ok(vec![2, 5]));
+        assert_eq!(r(4, &["attn1"]), Ok(vec![0, 1, 2, 3]));
+        assert_eq!(r(60, &["59"]), Ok(vec![59]));
+        for bad in [
+            &["transformer_blocks.40"][..],
+            &["28"],
+            &["attn2"],
+            &["("],
+            &["-1"],
+        ] {
+            let err = r(28, bad).expect_err("selects nothing");
+            assert!(err.contains('`'), "{err}");
+        }
     }
 
     #[test]
@@ -431,6 +573,9 @@ mod tests {
             guidance_scale: 4.5,
             previews: 0,
             edit: None,
+            lora: Vec::new(),
+            pag_scale: 0.0,
+            pag_adaptive_scale: 0.0,
         };
         assert_eq!(item.image_seed(0), u64::MAX);
         assert_eq!(item.image_seed(1), 0, "seed derivation wraps");
@@ -447,6 +592,9 @@ mod tests {
             guidance_scale: 4.5,
             previews: 0,
             edit: None,
+            lora: Vec::new(),
+            pag_scale: 0.0,
+            pag_adaptive_scale: 0.0,
         };
         let batch = Batch {
             key: key(512, 512, true),

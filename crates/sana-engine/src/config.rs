@@ -101,6 +101,7 @@ impl BatchLimits {
             sampler: info.default_sampler,
             cfg: true,
             strength_permille: None,
+            pag_layers: None,
         }
         .latent_tokens_per_image();
         let max_latent_tokens = match config.max_batch_latent_tokens {

@@ -35,7 +35,9 @@ pub use config::{BatchLimits, EngineConfig};
 pub use engine::{Engine, Health, ShutdownReport};
 pub use error::{EngineError, StartError, ValidationError};
 pub use stream::{Event, Generation, GenerationStream, Timings};
-pub use validation::{EditRequest, GenerateRequest, ValidRequest, MAX_GUIDANCE_SCALE};
+pub use validation::{
+    EditRequest, GenerateRequest, ValidRequest, MAX_GUIDANCE_SCALE, MAX_LORA_SCALE, MAX_PAG_SCALE,
+};
 pub use worker::{WorkerHealth, WorkerState};
 
 pub use sana_backend;

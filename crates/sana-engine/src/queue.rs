@@ -327,6 +327,7 @@ mod tests {
             sampler: Sampler::DpmSolverMultistep,
             cfg: false,
             strength_permille: None,
+            pag_layers: None,
         }
     }
 
@@ -347,6 +348,7 @@ mod tests {
                 guidance_scale: 1.0,
                 previews: 0,
                 edit: None,
+                ..Default::default()
             },
             responder: Responder::new(tx),
             admitted: now,

@@ -207,6 +207,10 @@ impl FakeBackend {
             default_sampler: Sampler::DpmSolverMultistep,
             samplers: Sampler::ALL.to_vec(),
             max_batch_images: 16,
+            loras: Vec::new(),
+            transformer_layers: 20,
+            pag_supported: true,
+            default_pag_scale: 0.0,
         }
     }
 

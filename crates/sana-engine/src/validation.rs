@@ -5,7 +5,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sana_backend::{
-    cfg_enabled, edit_first_step, BatchItem, BatchKey, Edit, Image, ModelInfo, Sampler,
+    cfg_enabled, edit_first_step, resolve_pag_layers, BatchItem, BatchKey, Edit, Image, LoraChoice,
+    ModelInfo, Sampler,
 };
 
 use crate::config::{BatchLimits, EngineConfig};
@@ -38,7 +39,22 @@ pub struct GenerateRequest {
     /// An edit of an image (image-to-image, or inpainting with a mask); `None` for
     /// text-to-image.
     pub edit: Option<EditRequest>,
+    /// LoRA adapters by name with their scales (each name once, from [`ModelInfo::loras`]).
+    pub lora: Vec<LoraChoice>,
+    /// Perturbed-attention guidance scale, `0..=`[`MAX_PAG_SCALE`] (0 = off);
+    /// [`ModelInfo::default_pag_scale`] when `None`.
+    pub pag_scale: Option<f32>,
+    /// PAG's adaptive scale, `0..=`[`MAX_PAG_SCALE`]; 0 when `None`.
+    pub pag_adaptive_scale: Option<f32>,
+    /// PAG's blocks as diffusers' `pag_applied_layers` takes them (indices or names, see
+    /// [`resolve_pag_layers`]); `transformer_blocks.0` (diffusers' default) when `None`.
+    pub pag_applied_layers: Option<Vec<String>>,
 }
+
+/// The largest LoRA scale a request may give (in magnitude).
+pub const MAX_LORA_SCALE: f32 = 100.0;
+/// The largest PAG scale and adaptive scale a request may give.
+pub const MAX_PAG_SCALE: f32 = 100.0;
 
 /// The image side of an edit request.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +84,10 @@ impl GenerateRequest {
             seed: None,
             previews: 0,
             edit: None,
+            lora: Vec::new(),
+            pag_scale: None,
+            pag_adaptive_scale: None,
+            pag_applied_layers: None,
         }
     }
 }
@@ -157,6 +177,8 @@ pub fn validate(
             ),
         ));
     }
+    check_lora(&req.lora, info)?;
+    let (pag_scale, pag_adaptive_scale, pag_layers) = check_pag(&req, info)?;
     let (strength_permille, edit) = match req.edit {
         None => (None, None),
         Some(edit) => {
@@ -178,16 +200,22 @@ pub fn validate(
         sampler,
         cfg: cfg_enabled(guidance_scale),
         strength_permille,
+        pag_layers,
     };
     let tokens = key.latent_tokens_per_image() * req.n as usize;
     if tokens > limits.max_latent_tokens {
         return Err(ValidationError::new(
             "n",
             format!(
-                "{} image(s) of {width}x{height}{} need {tokens} latent tokens, above this server's \
-                 batch limit of {}; ask for fewer images or a smaller size",
+                "{} image(s) of {width}x{height}{}{} need {tokens} latent tokens, above this \
+                 server's batch limit of {}; ask for fewer images or a smaller size",
                 req.n,
                 if key.cfg { " with guidance" } else { "" },
+                if key.pag_layers.is_some() {
+                    " with PAG"
+                } else {
+                    ""
+                },
                 limits.max_latent_tokens
             ),
         ));
@@ -202,8 +230,100 @@ pub fn validate(
             guidance_scale,
             previews: req.previews,
             edit,
+            lora: req.lora,
+            pag_scale,
+            pag_adaptive_scale,
         },
     })
+}
+
+/// Each adapter known, named once, with a finite scale of at most [`MAX_LORA_SCALE`].
+fn check_lora(lora: &[LoraChoice], info: &ModelInfo) -> Result<(), ValidationError> {
+    for (k, choice) in lora.iter().enumerate() {
+        if !info.loras.iter().any(|l| l.name == choice.name) {
+            let known: Vec<&str> = info.loras.iter().map(|l| l.name.as_str()).collect();
+            return Err(ValidationError::new(
+                "lora",
+                if known.is_empty() {
+                    format!(
+                        "unknown LoRA adapter `{}`: this server loaded none (start it with \
+                         `--lora NAME=PATH`)",
+                        choice.name
+                    )
+                } else {
+                    format!(
+                        "unknown LoRA adapter `{}`; loaded: {} (see GET /v1/models)",
+                        choice.name,
+                        known.join(", ")
+                    )
+                },
+            ));
+        }
+        if lora[..k].iter().any(|c| c.name == choice.name) {
+            return Err(ValidationError::new(
+                "lora",
+                format!("LoRA adapter `{}` is named twice", choice.name),
+            ));
+        }
+        if !(choice.scale.is_finite() && choice.scale.abs() <= MAX_LORA_SCALE) {
+            return Err(ValidationError::new(
+                "lora",
+                format!(
+                    "the scale of LoRA adapter `{}` must be a finite number in \
+                     [-{MAX_LORA_SCALE}, {MAX_LORA_SCALE}], got {}",
+                    choice.name, choice.scale
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// PAG's scale, adaptive scale and blocks (`None` when PAG is off).
+fn check_pag(
+    req: &GenerateRequest,
+    info: &ModelInfo,
+) -> Result<(f32, f32, Option<sana_backend::LayerSet>), ValidationError> {
+    let scale = req.pag_scale.unwrap_or(info.default_pag_scale);
+    let adaptive = req.pag_adaptive_scale.unwrap_or(0.0);
+    for (field, v) in [("pag_scale", scale), ("pag_adaptive_scale", adaptive)] {
+        if !(0.0..=MAX_PAG_SCALE).contains(&v) {
+            return Err(ValidationError::new(
+                field,
+                format!("`{field}` must be a finite number in [0, {MAX_PAG_SCALE}], got {v}"),
+            ));
+        }
+    }
+    if scale == 0.0 && req.pag_applied_layers.is_none() {
+        return Ok((0.0, adaptive, None));
+    }
+    let specs = req
+        .pag_applied_layers
+        .clone()
+        .unwrap_or_else(|| vec!["transformer_blocks.0".to_owned()]);
+    if specs.is_empty() {
+        return Err(ValidationError::new(
+            "pag_applied_layers",
+            "`pag_applied_layers` is empty; name at least one block (or leave it out for \
+             transformer_blocks.0)",
+        ));
+    }
+    let layers = resolve_pag_layers(info.transformer_layers, &specs)
+        .map_err(|e| ValidationError::new("pag_applied_layers", e))?;
+    if scale == 0.0 {
+        return Ok((0.0, adaptive, None));
+    }
+    if !info.pag_supported {
+        return Err(ValidationError::new(
+            "pag_scale",
+            format!(
+                "perturbed-attention guidance is not available for {} (SANA-Sprint); leave \
+                 `pag_scale` out or set it to 0",
+                info.model_id
+            ),
+        ));
+    }
+    Ok((scale, adaptive, Some(layers)))
 }
 
 /// Checks an edit against the output size and the steps; its strength in thousandths.

@@ -339,6 +339,7 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
         sampler: info.default_sampler,
         cfg: cfg_enabled(info.default_guidance_scale),
         strength_permille: None,
+        pag_layers: None,
     };
     let by_tokens = limits.max_latent_tokens / key.latent_tokens_per_image().max(1);
     let n = limits.max_images.min(by_tokens).max(1);
@@ -352,6 +353,7 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
             guidance_scale: info.default_guidance_scale,
             previews: 0,
             edit: None,
+            ..Default::default()
         }],
     }
 }

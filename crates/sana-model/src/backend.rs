@@ -2,13 +2,13 @@
 
 use candle_core::{DType, IndexOp, Tensor};
 use sana_backend::{
-    Backend, BackendError, Batch, Control, Image, ModelInfo, Preview, Progress as StepProgress,
-    Sampler,
+    Backend, BackendError, Batch, Control, Image, LoraInfo, ModelInfo, Preview,
+    Progress as StepProgress, Sampler,
 };
 
 use crate::pipeline::edit::InitImage;
 use crate::pipeline::sampling::Flow;
-use crate::pipeline::{GenerateRequest, ItemRequest, PipelineKind, SanaPipeline};
+use crate::pipeline::{GenerateRequest, ItemRequest, LoraChoice, PipelineKind, SanaPipeline};
 use crate::scheduler::SchedulerConfig;
 use crate::Error;
 
@@ -64,6 +64,19 @@ impl SanaBackend {
             default_sampler,
             samplers,
             max_batch_images: max_batch_images.max(1),
+            loras: pipe
+                .loras()
+                .iter()
+                .map(|a| LoraInfo {
+                    name: a.name().to_string(),
+                    source: a.path().display().to_string(),
+                    modules: a.module_count() as u32,
+                    ranks: a.ranks().iter().map(|&r| r as u32).collect(),
+                })
+                .collect(),
+            transformer_layers: pipe.transformer().config().num_layers as u32,
+            pag_supported: pipe.kind() == PipelineKind::Sana,
+            default_pag_scale: pipe.pag_defaults().map_or(0.0, |d| d.scale),
         };
         Self { pipe, info }
     }
@@ -212,8 +225,22 @@ impl Backend for SanaBackend {
                     mask: e.mask.clone(),
                     preserve_unmasked: e.preserve_unmasked,
                 }),
+                lora: it
+                    .lora
+                    .iter()
+                    .map(|c| LoraChoice {
+                        name: c.name.clone(),
+                        scale: c.scale,
+                    })
+                    .collect(),
+                pag_scale: it.pag_scale,
+                pag_adaptive_scale: it.pag_adaptive_scale,
             })
             .collect();
+        req.pag_layers = key
+            .pag_layers
+            .map(|set| set.indices().map(|i| i as usize).collect())
+            .unwrap_or_default();
         req.width = key.width as usize;
         req.height = key.height as usize;
         req.steps = key.steps as usize;

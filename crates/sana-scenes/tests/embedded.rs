@@ -24,7 +24,7 @@ fn request(pipe: &SanaPipeline, prompts: &[(String, u64)]) -> GenerateRequest {
             num_images: 1,
             seed: *seed,
             guidance_scale: d.guidance_scale,
-            init_image: None,
+            ..ItemRequest::default()
         })
         .collect();
     req.steps = d.steps;

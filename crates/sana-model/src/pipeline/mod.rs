@@ -8,11 +8,13 @@
 //! the longest prompt, the caption work done once per generation, and tiled decoding switched on
 //! when an un-tiled decode would exceed a memory budget.
 
+pub mod adapters;
 mod decode;
 pub mod edit;
 pub mod sampling;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -20,16 +22,17 @@ use crate::autoencoder::AutoencoderDC;
 use crate::image::{bin_table, classify_height_width_bin};
 use crate::scheduler::{ScheduleOptions, SchedulerConfig};
 use crate::text_encoder::{PromptEmbeds, SanaTextEncoder};
-use crate::transformer::SanaTransformer2DModel;
+use crate::transformer::{LoraAdapter, SanaTransformer2DModel};
 use crate::weights::read_config;
 use crate::{Error, Result};
+pub use adapters::{LoraChoice, PagDefaults};
 use edit::{paste_unmasked, EditStart, InitImage};
-use sampling::{denoise, denoise_sprint, seeded_noise, Flow, Sampling, StepInfo};
+use sampling::{denoise, denoise_sprint, seeded_noise, Flow, PagGuidance, Sampling, StepInfo};
 
 /// Which diffusers pipeline a folder holds (`model_index.json` `_class_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipelineKind {
-    /// `SanaPipeline` (and `SanaPAGPipeline` folders, run without PAG): flow sampling with CFG.
+    /// `SanaPipeline` and `SanaPAGPipeline`: flow sampling with CFG (and PAG).
     Sana,
     /// `SanaSprintPipeline`: few-step TrigFlow sampling with an embedded guidance.
     Sprint,
@@ -124,7 +127,7 @@ impl LoadOptions {
 }
 
 /// One prompt of a request and its images.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ItemRequest {
     pub prompt: String,
     /// diffusers' default is the empty string.
@@ -136,6 +139,12 @@ pub struct ItemRequest {
     /// Edits: the image to start from (at the request's size) and, for inpainting, its mask.
     /// Every item of an edit has one; a text-to-image request has none.
     pub init_image: Option<InitImage>,
+    /// LoRA adapters for this prompt's images (names loaded with [`SanaPipeline::add_lora`]).
+    pub lora: Vec<LoraChoice>,
+    /// Perturbed-attention guidance scale (0 = off); needs [`GenerateRequest::pag_layers`].
+    pub pag_scale: f32,
+    /// PAG's adaptive scale: the scale at timestep `t` is `max(0, pag_scale − this·(1000 − t))`.
+    pub pag_adaptive_scale: f32,
 }
 
 /// A generation: prompts that share a size and a step count.
@@ -159,6 +168,9 @@ pub struct GenerateRequest {
     pub schedule: ScheduleOptions,
     /// A sampler other than the folder's `scheduler/scheduler_config.json`.
     pub scheduler: Option<SchedulerConfig>,
+    /// PAG: the transformer blocks whose self-attention the perturbed rows replace by the
+    /// identity (see [`SanaPipeline::resolve_pag_layers`]); empty = no PAG.
+    pub pag_layers: Vec<usize>,
 }
 
 impl GenerateRequest {
@@ -171,7 +183,7 @@ impl GenerateRequest {
                 num_images: 1,
                 seed: 0,
                 guidance_scale: 4.5,
-                init_image: None,
+                ..ItemRequest::default()
             }],
             width: 1024,
             height: 1024,
@@ -183,6 +195,7 @@ impl GenerateRequest {
             strength: None,
             schedule: ScheduleOptions::default(),
             scheduler: None,
+            pag_layers: Vec::new(),
         }
     }
 }
@@ -288,6 +301,8 @@ pub struct SanaPipeline {
     device: Device,
     decode_budget_bytes: usize,
     defaults: GenerationDefaults,
+    loras: Vec<Arc<LoraAdapter>>,
+    pag_defaults: Option<PagDefaults>,
 }
 
 impl SanaPipeline {
@@ -295,7 +310,8 @@ impl SanaPipeline {
     /// `tokenizer/`, `transformer/`, `vae/`).
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: serde_json::Value = read_config(&root.join("model_index.json"))?;
-        let kind = match index["_class_name"].as_str() {
+        let class = index["_class_name"].as_str();
+        let kind = match class {
             Some("SanaPipeline" | "SanaPAGPipeline") => PipelineKind::Sana,
             Some("SanaSprintPipeline") => PipelineKind::Sprint,
             other => {
@@ -334,6 +350,19 @@ impl SanaPipeline {
             });
         }
         let defaults = GenerationDefaults::load(root, kind)?;
+        // SanaPAGPipeline's defaults: pag_scale 3.0 (call), transformer_blocks.0 (constructor;
+        // not stored in model_index.json).
+        let pag_defaults = (class == Some("SanaPAGPipeline"))
+            .then(|| -> Result<PagDefaults> {
+                Ok(PagDefaults {
+                    scale: 3.0,
+                    layers: adapters::resolve_pag_layers(
+                        transformer.config().num_layers,
+                        &["transformer_blocks.0".to_string()],
+                    )?,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             kind,
             text_encoder,
@@ -344,6 +373,8 @@ impl SanaPipeline {
             device: opts.device.clone(),
             decode_budget_bytes: opts.decode_budget_bytes,
             defaults,
+            loras: Vec::new(),
+            pag_defaults,
         })
     }
 
@@ -445,6 +476,8 @@ impl SanaPipeline {
                 complex_human_instruction: instruction.is_some(),
                 max_sequence_length: nv.text_encoder.model_max_length,
             },
+            loras: Vec::new(),
+            pag_defaults: None,
         })
     }
 
@@ -472,6 +505,8 @@ impl SanaPipeline {
             device: opts.device.clone(),
             decode_budget_bytes: opts.decode_budget_bytes,
             defaults: GenerationDefaults::for_kind(kind),
+            loras: Vec::new(),
+            pag_defaults: None,
         }
     }
 
@@ -575,6 +610,7 @@ impl SanaPipeline {
             ));
         }
         let begin = self.check_edit(req)?;
+        self.check_adapters(req)?;
         // 1. Size: binning, then the latent grid.
         let (height, width) =
             self.generation_size(req.height, req.width, req.use_resolution_binning);
@@ -602,6 +638,22 @@ impl SanaPipeline {
         }
         let images = seeds.len();
         let cfg = self.kind == PipelineKind::Sana && guidance.iter().any(|&g| g > 1.0);
+        // PAG: one perturbed row per image when any prompt asks for it (a prompt at scale 0 adds
+        // a zero term).
+        let pag = (!req.pag_layers.is_empty() && req.items.iter().any(|i| i.pag_scale > 0.0)).then(
+            || PagGuidance {
+                scales: req
+                    .items
+                    .iter()
+                    .flat_map(|i| std::iter::repeat_n(i.pag_scale, i.num_images))
+                    .collect(),
+                adaptive: req
+                    .items
+                    .iter()
+                    .flat_map(|i| std::iter::repeat_n(i.pag_adaptive_scale, i.num_images))
+                    .collect(),
+            },
+        );
         // 3. Text: each distinct prompt once, then one row per image ([negative; positive] for CFG).
         let prompts: Vec<&str> = req.items.iter().map(|i| i.prompt.as_str()).collect();
         let positive = self
@@ -624,16 +676,24 @@ impl SanaPipeline {
                 .select(&rows)?;
             PromptEmbeds::cat(&negative, &positive)?
         } else {
-            positive
+            positive.clone()
+        };
+        // PAG's perturbed rows see the positive prompt.
+        let text = if pag.is_some() {
+            PromptEmbeds::cat(&text, &positive)?
+        } else {
+            text
         };
         if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
             let now = clock(&self.device)?;
             t.encode = now - *m;
             *m = now;
         }
-        let caption = self
-            .transformer
-            .prepare_caption_lengths(&text.embeds, &text.lengths)?;
+        let row_opts =
+            self.row_options(req, cfg, pag.as_ref().map(|_| req.pag_layers.as_slice()))?;
+        let caption =
+            self.transformer
+                .prepare_caption_rows(&text.embeds, &text.lengths, row_opts)?;
         if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
             let now = clock(&self.device)?;
             t.caption = now - *m;
@@ -670,6 +730,7 @@ impl SanaPipeline {
             schedule: req.schedule.clone(),
             guidance: &guidance,
             cfg,
+            pag,
             edit: edit_inputs
                 .as_ref()
                 .map(|(begin, (latents, mask))| EditStart {

@@ -74,8 +74,37 @@ pub struct Sampling<'a> {
     pub guidance: &'a [f32],
     /// Classifier-free guidance: the caption context holds `[negative; positive]` (2B rows).
     pub cfg: bool,
+    /// Perturbed-attention guidance: the caption context ends with B perturbed rows.
+    pub pag: Option<PagGuidance>,
     /// Image-to-image or inpainting: where the loop starts and what it keeps.
     pub edit: Option<EditStart<'a>>,
+}
+
+/// PAG's scales per image (diffusers' `_get_pag_scale`, per image here).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PagGuidance {
+    /// `pag_scale` per image.
+    pub scales: Vec<f32>,
+    /// `pag_adaptive_scale` per image (0 = constant scale).
+    pub adaptive: Vec<f32>,
+}
+
+impl PagGuidance {
+    /// The scale of each image at scheduler timestep `t`: `max(0, scale − adaptive·(1000 − t))`
+    /// in f32, or `scale` when `adaptive` is 0.
+    pub fn at(&self, t: f64) -> Vec<f32> {
+        self.scales
+            .iter()
+            .zip(&self.adaptive)
+            .map(|(&s, &a)| {
+                if a == 0.0 {
+                    s
+                } else {
+                    (s - a * (1000.0 - t as f32)).max(0.0)
+                }
+            })
+            .collect()
+    }
 }
 
 /// The edit's first step and starting sample: `noise` (the loop's initial draw) mixed with the
@@ -131,6 +160,10 @@ pub fn denoise(
     let cfg = model.config();
     let (b, c, _, _) = latents.dims4()?;
     check_guidance(sampling.guidance, b)?;
+    if let Some(pag) = &sampling.pag {
+        check_guidance(&pag.scales, b)?;
+        check_guidance(&pag.adaptive, b)?;
+    }
     let mut sched = sampling
         .scheduler
         .build(sampling.steps, &sampling.schedule)?;
@@ -146,9 +179,10 @@ pub fn denoise(
     for (i, &t) in timesteps.iter().enumerate() {
         let k = begin + i;
         let _span = tracing::debug_span!("denoise_step", step = k).entered();
-        let rows = if sampling.cfg { 2 * b } else { b };
-        let x_in = if sampling.cfg {
-            Tensor::cat(&[&x, &x], 0)?
+        let groups = 1 + usize::from(sampling.cfg) + usize::from(sampling.pag.is_some());
+        let rows = groups * b;
+        let x_in = if groups > 1 {
+            Tensor::cat(&vec![&x; groups], 0)?
         } else {
             x.clone()
         };
@@ -157,10 +191,20 @@ pub fn denoise(
         let mut v = model
             .forward_with_caption(&x_in, &ts, None, caption)?
             .to_dtype(DType::F32)?;
-        if sampling.cfg {
-            let (v_uncond, v_text) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
-            v = (&v_uncond + (v_text - &v_uncond)?.broadcast_mul(&g)?)?;
+        // [negative; positive; perturbed] → v_u + g·(v_c − v_u) + pag_t·(v_c − v_p), in that order.
+        let v_text = v.narrow(0, usize::from(sampling.cfg) * b, b)?;
+        let mut guided = if sampling.cfg {
+            let v_uncond = v.narrow(0, 0, b)?;
+            (&v_uncond + (&v_text - &v_uncond)?.broadcast_mul(&g)?)?
+        } else {
+            v_text.clone()
+        };
+        if let Some(pag) = &sampling.pag {
+            let v_ptb = v.narrow(0, rows - b, b)?;
+            let s = Tensor::from_vec(pag.at(t), (b, 1, 1, 1), &device)?;
+            guided = (guided + (&v_text - v_ptb)?.broadcast_mul(&s)?)?;
         }
+        v = guided;
         if cfg.out_channels() == 2 * c {
             // Learned-sigma models predict [velocity, variance]: keep the velocity.
             v = v.narrow(1, 0, c)?;
@@ -203,6 +247,13 @@ pub fn denoise_sprint(
     let cfg = model.config();
     let (b, _, _, _) = latents.dims4()?;
     check_guidance(sampling.guidance, b)?;
+    if sampling.pag.is_some() {
+        return Err(Error::Unsupported {
+            field: "pag_scale",
+            value: "> 0".into(),
+            reason: "perturbed-attention guidance is not available for SANA-Sprint models".into(),
+        });
+    }
     let sigma_data = match sampling.scheduler {
         SchedulerConfig::SCMScheduler(c) => c.sigma_data,
         _ => {

@@ -5,6 +5,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::SanaTransformerConfig;
+use super::lora::{site, LoraRows};
 use crate::nn::{linear, linear_no_bias, GluConvWeights, Linear};
 use crate::ops::{glu_depthwise_conv2d_nhwc, linear_attention};
 
@@ -90,21 +91,35 @@ impl LinearAttention {
         })
     }
 
-    /// `x`: `[B, N, D]` → `[B, N, D]`.
-    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: `[B, N, D]` → `[B, N, D]`. Rows from `perturbed_from` on take PAG's identity
+    /// attention instead (`to_out(to_v(x))`, diffusers' `PAGIdentitySanaLinearAttnProcessor2_0`).
+    pub(super) fn forward(&self, x: &Tensor, ctx: &BlockContext) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let d = x.dim(2)?;
+        let (rows, _, d) = x.dims3()?;
+        let lora = ctx.lora;
+        let at = |part| site::block(ctx.block, part);
         let qkv = self.to_qkv.forward(x)?; // [B, N, 3D]
-        let mut q = qkv.narrow(2, 0, d)?;
-        let mut k = qkv.narrow(2, d, d)?;
-        let v = qkv.narrow(2, 2 * d, d)?;
+        let mut q = lora.apply(at(site::ATTN1_Q), x, qkv.narrow(2, 0, d)?)?;
+        let mut k = lora.apply(at(site::ATTN1_K), x, qkv.narrow(2, d, d)?)?;
+        let v = lora.apply(at(site::ATTN1_V), x, qkv.narrow(2, 2 * d, d)?)?;
         if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
             q = nq.forward(&q)?;
             k = nk.forward(&k)?;
         }
         // ReLU kernel, sums in f32 over all N tokens, heads merged back to [B, N, D].
-        let out = linear_attention(&q, &k, &v, self.heads)?;
-        let out = self.to_out.forward(&out)?;
+        let out = match ctx.perturbed_from {
+            Some(p) if p < rows => {
+                let attended = linear_attention(
+                    &q.narrow(0, 0, p)?,
+                    &k.narrow(0, 0, p)?,
+                    &v.narrow(0, 0, p)?,
+                    self.heads,
+                )?;
+                Tensor::cat(&[&attended, &v.narrow(0, p, rows - p)?], 0)?
+            }
+            _ => linear_attention(&q, &k, &v, self.heads)?,
+        };
+        let out = lora.apply(at(site::ATTN1_OUT), &out, self.to_out.forward(&out)?)?;
         match &self.f16_bounds {
             Some((lo, hi)) if dtype == DType::F16 => {
                 out.broadcast_maximum(lo)?.broadcast_minimum(hi)
@@ -156,12 +171,20 @@ impl CrossAttention {
 
     /// Keys and values of one item's caption `y` `[1, L, D]` → `[1, h, L, hd]` each, in f32.
     /// They depend only on the text, so a generation computes them once for all its steps.
-    pub(super) fn caption_kv(&self, y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `row`: the item's row, for its adapters' scales.
+    pub(super) fn caption_kv(
+        &self,
+        y: &Tensor,
+        lora: &LoraRows,
+        block: usize,
+        row: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (b, l, _) = y.dims3()?;
         let inner = self.heads * self.head_dim;
         let kv = self.to_kv.forward(y)?; // [B, L, 2·inner]
-        let mut k = kv.narrow(2, 0, inner)?;
-        let v = kv.narrow(2, inner, inner)?;
+        let at = |part| site::block(block, part);
+        let mut k = lora.apply_row(at(site::ATTN2_K), row, y, kv.narrow(2, 0, inner)?)?;
+        let v = lora.apply_row(at(site::ATTN2_V), row, y, kv.narrow(2, inner, inner)?)?;
         if let Some(nk) = &self.norm_k {
             k = nk.forward(&k)?;
         }
@@ -183,10 +206,18 @@ impl CrossAttention {
 
     /// `x`: `[B, N, D]`; item `i` attends to its own caption keys/values `items[i]` (see
     /// [`SanaTransformer2DModel::prepare_caption`]) → `[B, N, D]`.
-    pub(super) fn forward(&self, x: &Tensor, items: &[ItemCaption]) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        items: &[ItemCaption],
+        ctx: &BlockContext,
+    ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (b, n, _) = x.dims3()?;
-        let mut q = self.to_q.forward(x)?;
+        let at = |part| site::block(ctx.block, part);
+        let mut q = ctx
+            .lora
+            .apply(at(site::ATTN2_Q), x, self.to_q.forward(x)?)?;
         if let Some(nq) = &self.norm_q {
             q = nq.forward(&q)?;
         }
@@ -209,7 +240,8 @@ impl CrossAttention {
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?
             .to_dtype(dtype)?;
-        self.to_out.forward(&out)
+        ctx.lora
+            .apply(at(site::ATTN2_OUT), &out, self.to_out.forward(&out)?)
     }
 }
 
@@ -230,20 +262,33 @@ impl GluMbConv {
 
     /// `x`: `[B, N, D]` tokens of an `h × w` grid → `[B, N, D]`. Channels stay last throughout, so
     /// both 1×1 convs are plain matmuls over all B·N tokens.
-    pub(super) fn forward(&self, x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        h: usize,
+        w: usize,
+        ctx: &BlockContext,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, d) = x.dims3()?;
+        let at = |part| site::block(ctx.block, part);
         // 1. 1×1 expansion without its bias: [B·N, D] · [D, 2Hf] → [B, h, w, 2Hf].
         let pre = x
             .reshape((b * n, d))?
             .matmul(&self.w.inverted_w.t()?)?
-            .reshape((b, h, w, 2 * self.hidden))?;
+            .reshape((b, n, 2 * self.hidden))?;
+        let pre =
+            ctx.lora
+                .apply(at(site::FF_INVERTED), x, pre)?
+                .reshape((b, h, w, 2 * self.hidden))?;
         // 2. Bias, SiLU, depthwise 3×3 with bias, GLU gate — one fused pass → [B, h, w, Hf].
-        let gated = glu_depthwise_conv2d_nhwc(&pre, &self.w.depth_w, &self.w.biases, 1)?;
+        let gated = glu_depthwise_conv2d_nhwc(&pre, &self.w.depth_w, &self.w.biases, 1)?
+            .reshape((b, n, self.hidden))?;
         // 3. 1×1 projection back to D: [B·N, Hf] · [Hf, D] → [B, N, D].
-        gated
+        let out = gated
             .reshape((b * n, self.hidden))?
             .matmul(&self.w.point_w.t()?)?
-            .reshape((b, n, d))
+            .reshape((b, n, d))?;
+        ctx.lora.apply(at(site::FF_POINT), &gated, out)
     }
 }
 
@@ -281,8 +326,8 @@ impl SanaTransformerBlock {
         x: &Tensor,
         caption: &[ItemCaption],
         t6: &Tensor,
-        h: usize,
-        w: usize,
+        (h, w): (usize, usize),
+        ctx: &BlockContext,
     ) -> candle_core::Result<Tensor> {
         let (b, _, d) = x.dims3()?;
         // 1. Modulation: table + t6 → shift/scale/gate for attention and FFN, each [B, 1, D].
@@ -297,9 +342,9 @@ impl SanaTransformerBlock {
         let n = layer_norm_no_affine(x, self.eps)?
             .broadcast_mul(&(scale_msa + 1.0)?)?
             .broadcast_add(&shift_msa)?;
-        let x = (x + self.attn1.forward(&n)?.broadcast_mul(&gate_msa)?)?;
+        let x = (x + self.attn1.forward(&n, ctx)?.broadcast_mul(&gate_msa)?)?;
         // 3. Cross-attention: no norm, no modulation, no gate.
-        let x = (&x + self.attn2.forward(&x, caption)?)?;
+        let x = (&x + self.attn2.forward(&x, caption, ctx)?)?;
         // 4. Mix-FFN on the modulated norm2.
         let mut n = layer_norm_no_affine(&x, self.eps)?;
         if let Some((wt, bi)) = &self.norm2_affine {
@@ -308,8 +353,16 @@ impl SanaTransformerBlock {
         let n = n
             .broadcast_mul(&(scale_mlp + 1.0)?)?
             .broadcast_add(&shift_mlp)?;
-        &x + self.ff.forward(&n, h, w)?.broadcast_mul(&gate_mlp)?
+        &x + self.ff.forward(&n, h, w, ctx)?.broadcast_mul(&gate_mlp)?
     }
+}
+
+/// What a block's forward needs beyond its input: its index, the generation's adapters, and the
+/// first row of PAG's perturbed rows when this block is one of its layers.
+pub(super) struct BlockContext<'a> {
+    pub(super) block: usize,
+    pub(super) lora: &'a LoraRows,
+    pub(super) perturbed_from: Option<usize>,
 }
 
 /// One item's caption keys and values for one block.

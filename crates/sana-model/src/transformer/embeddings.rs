@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::SanaTransformerConfig;
+use super::lora::{site, LoraRows};
 use crate::nn::{linear, Linear};
 
 /// The frequencies of the sinusoidal timestep features (`Timesteps(256, flip_sin_to_cos=True,
@@ -41,11 +42,20 @@ impl TimestepEmbedding {
         })
     }
 
-    /// `t`: `[B]` float values → `[B, D]` in `dtype`.
-    pub(super) fn forward(&self, t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    /// `t`: `[1]` float value of row `row` → `[1, D]` in `dtype`; `sites`: the LoRA sites of
+    /// `linear_1` and `linear_2`.
+    pub(super) fn forward(
+        &self,
+        t: &Tensor,
+        dtype: DType,
+        (lora, row): (&LoraRows, usize),
+        sites: (usize, usize),
+    ) -> candle_core::Result<Tensor> {
         let feat = timestep_features(t, &self.freqs)?.to_dtype(dtype)?;
-        self.linear_2
-            .forward(&self.linear_1.forward(&feat)?.silu()?)
+        let h = lora
+            .apply_row(sites.0, row, &feat, self.linear_1.forward(&feat)?)?
+            .silu()?;
+        lora.apply_row(sites.1, row, &h, self.linear_2.forward(&h)?)
     }
 }
 
@@ -87,13 +97,15 @@ impl TimeEmbed {
         t: &Tensor,
         guidance: Option<&Tensor>,
         dtype: DType,
+        lora: &LoraRows,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let rows = (0..t.dim(0)?)
             .map(|i| {
-                self.forward_rows(
+                self.forward_row(
                     &t.narrow(0, i, 1)?,
                     guidance.map(|g| g.narrow(0, i, 1)).transpose()?.as_ref(),
                     dtype,
+                    (lora, i),
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -101,15 +113,20 @@ impl TimeEmbed {
         Ok((Tensor::cat(&t6, 0)?, Tensor::cat(&e, 0)?))
     }
 
-    pub(super) fn forward_rows(
+    fn forward_row(
         &self,
         t: &Tensor,
         guidance: Option<&Tensor>,
         dtype: DType,
+        lora: (&LoraRows, usize),
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let mut e = self.timestep_embedder.forward(t, dtype)?;
+        let mut e =
+            self.timestep_embedder
+                .forward(t, dtype, lora, (site::TIMESTEP_1, site::TIMESTEP_2))?;
         match (&self.guidance_embedder, guidance) {
-            (Some(g_emb), Some(g)) => e = (e + g_emb.forward(g, dtype)?)?,
+            (Some(g_emb), Some(g)) => {
+                e = (e + g_emb.forward(g, dtype, lora, (site::GUIDANCE_1, site::GUIDANCE_2))?)?
+            }
             (Some(_), None) => {
                 candle_core::bail!("this model has a guidance embedding: pass a guidance value")
             }
@@ -118,7 +135,11 @@ impl TimeEmbed {
             }
             (None, None) => {}
         }
-        Ok((self.linear.forward(&e.silu()?)?, e))
+        let s = e.silu()?;
+        let t6 = lora
+            .0
+            .apply_row(site::TIME_LINEAR, lora.1, &s, self.linear.forward(&s)?)?;
+        Ok((t6, e))
     }
 }
 

@@ -16,6 +16,7 @@
 mod blocks;
 mod config;
 mod embeddings;
+pub mod lora;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -29,8 +30,10 @@ pub use embeddings::sincos_pos_embed;
 use crate::nn::{linear, Linear};
 use crate::weights::{read_config, Checkpoint};
 use crate::{Error, Result};
-use blocks::{layer_norm_no_affine, ItemCaption, RmsNorm, SanaTransformerBlock};
+use blocks::{layer_norm_no_affine, BlockContext, ItemCaption, RmsNorm, SanaTransformerBlock};
 use embeddings::TimeEmbed;
+use lora::site;
+pub use lora::{LoraAdapter, LoraRows};
 
 /// Which caption tokens an item attends to.
 #[derive(Debug, Clone)]
@@ -50,13 +53,34 @@ impl Kept {
     }
 }
 
-/// The text-dependent part of a forward (see [`SanaTransformer2DModel::prepare_caption`]).
+/// The text-dependent part of a forward (see [`SanaTransformer2DModel::prepare_caption`]), and
+/// what else is fixed per row for a whole generation: adapters and PAG's perturbed rows.
 #[derive(Debug, Clone)]
 pub struct CaptionContext {
     /// `[block][item]`.
     blocks: Vec<Vec<ItemCaption>>,
     /// Tokens each item attends to.
     tokens: Vec<usize>,
+    lora: LoraRows,
+    perturbed: Option<Perturbed>,
+}
+
+/// Perturbed-attention guidance: the rows from `first_row` on are the perturbed copies, whose
+/// self-attention in `blocks` is the identity (diffusers' PAG processors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Perturbed {
+    pub first_row: usize,
+    /// Block indices, each `< num_layers`.
+    pub blocks: Vec<usize>,
+}
+
+/// Per-row settings of a generation's forwards (see [`SanaTransformer2DModel::prepare_caption_rows`]).
+#[derive(Debug, Clone, Default)]
+pub struct RowOptions {
+    /// LoRA adapters and their scales per row.
+    pub lora: LoraRows,
+    /// PAG's perturbed rows, if any.
+    pub perturbed: Option<Perturbed>,
 }
 
 impl CaptionContext {
@@ -220,7 +244,7 @@ impl SanaTransformer2DModel {
                 .collect(),
             None => vec![Kept::Prefix(l); b],
         };
-        self.caption_context(encoder_hidden_states, &kept)
+        self.caption_context(encoder_hidden_states, &kept, &LoraRows::default())
     }
 
     /// [`Self::prepare_caption`] for right-padded text: item `i` keeps its first `lengths[i]`
@@ -231,6 +255,17 @@ impl SanaTransformer2DModel {
         encoder_hidden_states: &Tensor,
         lengths: &[usize],
     ) -> Result<CaptionContext> {
+        self.prepare_caption_rows(encoder_hidden_states, lengths, RowOptions::default())
+    }
+
+    /// [`Self::prepare_caption_lengths`] with adapters and PAG rows (`opts`) for the rows of
+    /// `encoder_hidden_states`; the forwards of [`Self::forward_with_caption`] then apply them.
+    pub fn prepare_caption_rows(
+        &self,
+        encoder_hidden_states: &Tensor,
+        lengths: &[usize],
+        opts: RowOptions,
+    ) -> Result<CaptionContext> {
         let (b, l, _) = encoder_hidden_states.dims3()?;
         if lengths.len() != b || lengths.iter().any(|&n| n > l) {
             return Err(Error::Candle(candle_core::Error::Msg(format!(
@@ -238,14 +273,40 @@ impl SanaTransformer2DModel {
                 encoder_hidden_states.dims()
             ))));
         }
+        opts.lora.check_rows(b)?;
+        if let Some(p) = &opts.perturbed {
+            if p.first_row == 0 || p.first_row > b {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "PAG's perturbed rows start at {} of {b} rows",
+                    p.first_row
+                ))));
+            }
+            if let Some(&bad) = p.blocks.iter().find(|&&i| i >= self.blocks.len()) {
+                return Err(Error::Unsupported {
+                    field: "pag_applied_layers",
+                    value: bad.to_string(),
+                    reason: format!("the transformer has {} blocks", self.blocks.len()),
+                });
+            }
+        }
         let kept: Vec<Kept> = lengths.iter().map(|&n| Kept::Prefix(n)).collect();
-        self.caption_context(encoder_hidden_states, &kept)
+        let mut ctx = self.caption_context(encoder_hidden_states, &kept, &opts.lora)?;
+        ctx.lora = opts.lora;
+        ctx.perturbed = opts.perturbed;
+        Ok(ctx)
+    }
+
+    /// Loads LoRA adapter `name` from `path` (see [`lora`]) for this model, on its device and in
+    /// its dtype.
+    pub fn load_lora(&self, name: &str, path: &Path) -> Result<LoraAdapter> {
+        LoraAdapter::load(name, path, &self.cfg, self.dtype, self.patch_w.device())
     }
 
     fn caption_context(
         &self,
         encoder_hidden_states: &Tensor,
         kept: &[Kept],
+        lora: &LoraRows,
     ) -> Result<CaptionContext> {
         let _span = tracing::trace_span!("sana_caption").entered();
         let (b, l, _) = encoder_hidden_states.dims3()?;
@@ -275,15 +336,16 @@ impl SanaTransformer2DModel {
             };
             // Projection and norm → [1, L_i, D].
             let y = y.to_dtype(self.dtype)?;
-            let y = self
-                .caption_2
-                .forward(&self.caption_1.forward(&y)?.gelu()?)?;
+            let y = lora
+                .apply_row(site::CAPTION_1, i, &y, self.caption_1.forward(&y)?)?
+                .gelu()?;
+            let y = lora.apply_row(site::CAPTION_2, i, &y, self.caption_2.forward(&y)?)?;
             let y = match &self.caption_norm {
                 Some(norm) => norm.forward(&y)?,
                 None => y,
             };
-            for (blk, out) in self.blocks.iter().zip(blocks.iter_mut()) {
-                let (k, v) = blk.attn2.caption_kv(&y)?;
+            for (j, (blk, out)) in self.blocks.iter().zip(blocks.iter_mut()).enumerate() {
+                let (k, v) = blk.attn2.caption_kv(&y, lora, j, i)?;
                 out.push(ItemCaption {
                     k,
                     v,
@@ -291,7 +353,12 @@ impl SanaTransformer2DModel {
                 });
             }
         }
-        Ok(CaptionContext { blocks, tokens })
+        Ok(CaptionContext {
+            blocks,
+            tokens,
+            lora: LoraRows::default(),
+            perturbed: None,
+        })
     }
 
     /// The `[1, h·w, D]` f32 position embedding of a token grid, from the cache or made once.
@@ -356,9 +423,14 @@ impl SanaTransformer2DModel {
             .reshape((b, c, h, p, w, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, n, c * p * p))?;
-        let mut hs = patches
-            .broadcast_matmul(&self.patch_w.t()?)?
-            .broadcast_add(&self.patch_b)?;
+        let lora = &caption.lora;
+        let mut hs = lora.apply(
+            site::PATCH_EMBED,
+            &patches,
+            patches
+                .broadcast_matmul(&self.patch_w.t()?)?
+                .broadcast_add(&self.patch_b)?,
+        )?;
         // 2. Position embedding (2K/4K models), added in f32 then cast back.
         if let Some(scale) = self.cfg.interpolation_scale {
             let pe = self.position_embedding(h, w, scale, x.device())?;
@@ -368,10 +440,21 @@ impl SanaTransformer2DModel {
                 .to_dtype(self.dtype)?;
         }
         // 3. Timestep (and guidance) embedding.
-        let (t6, embedded) = self.time_embed.forward(timestep, guidance, self.dtype)?;
+        let (t6, embedded) = self
+            .time_embed
+            .forward(timestep, guidance, self.dtype, lora)?;
         // 4. Blocks.
-        for (block, items) in self.blocks.iter().zip(&caption.blocks) {
-            hs = block.forward(&hs, items, &t6, h, w)?;
+        for (i, (block, items)) in self.blocks.iter().zip(&caption.blocks).enumerate() {
+            let ctx = BlockContext {
+                block: i,
+                lora,
+                perturbed_from: caption
+                    .perturbed
+                    .as_ref()
+                    .filter(|p| p.blocks.contains(&i))
+                    .map(|p| p.first_row),
+            };
+            hs = block.forward(&hs, items, &t6, (h, w), &ctx)?;
         }
         // 5. Final layer: shift first, then scale, from the un-projected timestep embedding.
         let m = self
@@ -383,7 +466,7 @@ impl SanaTransformer2DModel {
             .broadcast_mul(&(scale + 1.0)?)?
             .broadcast_add(&shift)?;
         // 6. Project and unpatchify: [B, N, p·p·C] → [B, h, w, p, p, C] → [B, C, h, p, w, p].
-        let out = self.proj_out.forward(&hs)?;
+        let out = lora.apply(site::PROJ_OUT, &hs, self.proj_out.forward(&hs)?)?;
         let co = self.cfg.out_channels();
         Ok(out
             .reshape((b, h, w, p, p, co))?

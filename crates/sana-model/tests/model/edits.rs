@@ -51,6 +51,7 @@ fn case(name: &str) -> (String, GenerateRequest, Tensor, Vec<u8>) {
             seed: 0,
             guidance_scale: c["guidance_scale"].as_f64().unwrap() as f32,
             init_image: Some(init.clone()),
+            ..ItemRequest::default()
         })
         .collect();
     (req.height, req.width) = (h, w);

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod adapters;
 mod autoencoder;
 mod edits;
 mod image;

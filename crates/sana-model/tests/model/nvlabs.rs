@@ -459,7 +459,7 @@ fn nvlabs_pipelines_equal_diffusers() {
                 num_images: 1,
                 seed: 0,
                 guidance_scale: 4.5,
-                init_image: None,
+                ..ItemRequest::default()
             })
             .collect();
         (req.width, req.height, req.steps) = (64, 64, 4);

@@ -19,6 +19,12 @@ use serde_json::Value;
 /// A diffusers folder for `name`: its own transformer, scheduler and model_index.json, plus the
 /// tokenizer, Gemma and DC-AE the other fixtures already hold (symlinked, not stored twice).
 fn assemble(name: &str) -> PathBuf {
+    let own = fixtures().join("pipeline").join(name);
+    assemble_with(name, &own.join("model_index.json"))
+}
+
+/// [`assemble`] of `sana`'s parts under another `model_index.json` (e.g. a SanaPAGPipeline's).
+pub(crate) fn assemble_with(name: &str, index: &std::path::Path) -> PathBuf {
     let root = fixtures();
     let dir = std::env::temp_dir().join(format!("sana-pipeline-{name}-{}", std::process::id()));
     if dir.exists() {
@@ -29,9 +35,11 @@ fn assemble(name: &str) -> PathBuf {
     );
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    let own = root.join("pipeline").join(name);
+    let own = root
+        .join("pipeline")
+        .join(if name == "pag" { "sana" } else { name });
     let links: [(PathBuf, &str); 6] = [
-        (own.join("model_index.json"), "model_index.json"),
+        (index.to_path_buf(), "model_index.json"),
         (own.join("transformer"), "transformer"),
         (own.join("scheduler"), "scheduler"),
         (
@@ -57,7 +65,11 @@ pub(crate) fn pipeline(name: &str) -> SanaPipeline {
 
 /// The request diffusers was called with for `case` of pipeline `name`, and the reference images.
 fn case(name: &str, case: &str) -> (GenerateRequest, Tensor) {
-    let dir = fixtures().join("pipeline").join(name);
+    case_in(&fixtures().join("pipeline").join(name), case)
+}
+
+/// [`case`] from the `cases.json` / `cases.safetensors` in `dir`.
+pub(crate) fn case_in(dir: &std::path::Path, case: &str) -> (GenerateRequest, Tensor) {
     let meta: Value = read_config(&dir.join("cases.json")).unwrap();
     let c = &meta[case];
     let t = load(&dir.join("cases.safetensors"));
@@ -73,7 +85,7 @@ fn case(name: &str, case: &str) -> (GenerateRequest, Tensor) {
             num_images: n,
             seed: 0,
             guidance_scale: c["guidance_scale"].as_f64().unwrap() as f32,
-            init_image: None,
+            ..ItemRequest::default()
         })
         .collect();
     req.height = c["height"].as_u64().unwrap() as usize;
@@ -239,6 +251,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
             sampler,
             cfg: true,
             strength_permille: None,
+            pag_layers: None,
         },
         items: vec![
             BatchItem {
@@ -249,6 +262,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
                 guidance_scale: 4.5,
                 previews: 1,
                 edit: None,
+                ..Default::default()
             },
             BatchItem {
                 prompt: "a blue square on the left".into(),
@@ -258,6 +272,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
                 guidance_scale: 2.0,
                 previews: 0,
                 edit: None,
+                ..Default::default()
             },
         ],
     }

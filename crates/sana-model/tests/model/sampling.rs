@@ -69,6 +69,7 @@ fn run(c: &Case, items: std::ops::Range<usize>, stop_after: Option<usize>) -> Op
         schedule: ScheduleOptions::default(),
         guidance: &guidance,
         cfg,
+        pag: None,
         edit: None,
     };
     let mut noise = |step: usize| Ok(c.io[&format!("noise_{step}")].i(items.clone())?);

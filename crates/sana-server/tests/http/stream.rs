@@ -51,6 +51,7 @@ fn key(width: u32, height: u32, steps: u32) -> BatchKey {
         sampler: model_info().default_sampler,
         cfg: true,
         strength_permille: None,
+        pag_layers: None,
     }
 }
 
