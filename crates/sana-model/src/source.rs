@@ -201,6 +201,52 @@ pub fn resolve_component(source: &ModelSource, opts: &HubOptions) -> Result<Path
     }
 }
 
+/// The file name diffusers' `save_lora_weights` writes, and `load_lora_weights` reads from a repo.
+pub const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
+
+/// A LoRA adapter argument: an existing file or folder as is, else a Hub repo id
+/// (`org/name[@revision]`) whose `pytorch_lora_weights.safetensors` is taken from the cache or
+/// downloaded.
+pub fn resolve_lora(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    match ModelSource::parse(spec).map_err(|_| Error::Unsupported {
+        field: "lora",
+        value: format!("{spec:?}"),
+        reason: "not an existing file or folder and not a Hub repo id of the form \
+                 org/name[@revision]"
+            .into(),
+    })? {
+        ModelSource::Dir(dir) => Ok(dir),
+        ModelSource::Hub { repo, revision } => {
+            if let Some(dir) =
+                cached_snapshot_with(&opts.cache_dir, &repo, &revision, LORA_WEIGHT_NAME)
+            {
+                return Ok(dir.join(LORA_WEIGHT_NAME));
+            }
+            if opts.offline {
+                return Err(Error::Weights(format!(
+                    "{repo}@{revision} is not in the Hugging Face cache {} and HF_HUB_OFFLINE is set",
+                    opts.cache_dir.display()
+                )));
+            }
+            let pick = |listing: &[String], _: Option<&str>| -> Vec<String> {
+                listing
+                    .iter()
+                    .filter(|f| *f == LORA_WEIGHT_NAME)
+                    .cloned()
+                    .collect()
+            };
+            Ok(
+                download_with(&repo, &revision, opts, pick, LORA_WEIGHT_NAME)?
+                    .join(LORA_WEIGHT_NAME),
+            )
+        }
+    }
+}
+
 /// The files of a single-model repo that loading it needs: `config.json`, the tokenizer files
 /// present, and the safetensors weights of `variant` (else the default ones).
 pub fn needed_component_files(listing: &[String], variant: Option<&str>) -> Vec<String> {
@@ -386,10 +432,10 @@ fn download_with(
     if !files.iter().any(|f| f == marker) {
         return Err(Error::Weights(format!(
             "{repo}@{revision} has no {marker}: not a {} repo",
-            if marker == "model_index.json" {
-                "diffusers pipeline"
-            } else {
-                "model"
+            match marker {
+                "model_index.json" => "diffusers pipeline",
+                LORA_WEIGHT_NAME => "diffusers LoRA",
+                _ => "model",
             }
         )));
     }

@@ -66,6 +66,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_VARIANT")]
     pub variant: Option<String>,
 
+    /// A LoRA adapter to load at start-up, `NAME=PATH`: a diffusers `pytorch_lora_weights.safetensors`
+    /// (as `save_lora_weights` writes it), the folder holding it, or a Hub repo id. Repeat the
+    /// flag (or separate with `,` in `SANA_LORA`) for several. Requests choose adapters by name
+    /// and scale (`lora`); `GET /v1/models` lists them. Read by the binary that builds the
+    /// backend.
+    #[arg(
+        long = "lora",
+        env = "SANA_LORA",
+        value_delimiter = ',',
+        value_name = "NAME=PATH"
+    )]
+    pub lora: Vec<String>,
+
     /// Steps of requests that leave `num_inference_steps` out. Unset: the model's (20; 2 for
     /// SANA-Sprint).
     #[arg(long, env = "SANA_DEFAULT_STEPS")]

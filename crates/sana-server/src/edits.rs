@@ -23,8 +23,8 @@ use crate::error::{parse_json, ApiError, ErrorResponse};
 use crate::images::{answer, parse_size, plan};
 use crate::state::AppState;
 use crate::types::{
-    Background, CompletedEvent, CreateImageRequest, ImagesResponse, OutputFormat, Quality,
-    ResponseFormat,
+    Background, CompletedEvent, CreateImageRequest, ImagesResponse, LoraRequest, OutputFormat,
+    PagLayers, Quality, ResponseFormat,
 };
 
 /// Most pixels an uploaded image or mask may have (decoding a larger one is refused before its
@@ -132,10 +132,25 @@ pub struct CreateImageEditRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 100)]
     pub guidance_scale: Option<f32>,
+    /// Extension: LoRA adapters as in generations, the form field holding their JSON array
+    /// (`[{"name": "style", "scale": 0.8}]`).
+    #[serde(default)]
+    pub lora: Option<Vec<LoraRequest>>,
+    /// Extension: PAG scale as in generations.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub pag_scale: Option<f32>,
+    /// Extension: PAG's adaptive scale as in generations.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub pag_adaptive_scale: Option<f32>,
+    /// Extension: PAG's blocks as in generations: an index or name, or a JSON array of them.
+    #[serde(default)]
+    pub pag_applied_layers: Option<PagLayers>,
 }
 
 /// Text fields whose values are numbers or booleans in [`CreateImageEditRequest`].
-const NUMBERS: [&str; 7] = [
+const NUMBERS: [&str; 9] = [
     "n",
     "output_compression",
     "partial_images",
@@ -143,7 +158,11 @@ const NUMBERS: [&str; 7] = [
     "seed",
     "num_inference_steps",
     "guidance_scale",
+    "pag_scale",
+    "pag_adaptive_scale",
 ];
+/// Text fields that hold JSON: `lora` always, `pag_applied_layers` when it is a list.
+const JSON_FIELDS: [&str; 2] = ["lora", "pag_applied_layers"];
 const BOOLEANS: [&str; 3] = ["stream", "preserve_unmasked", "progress"];
 
 /// The form as received: the files, and the text fields as a JSON object for [`parse_json`].
@@ -210,6 +229,15 @@ fn field_value(name: &str, text: String) -> Result<serde_json::Value, ApiError> 
                     format!("`{name}` must be a number, got `{text}`"),
                 )
             });
+    }
+    if JSON_FIELDS.contains(&name) && (name == "lora" || text.trim_start().starts_with('[')) {
+        return serde_json::from_str(&text).map_err(|e| {
+            ApiError::invalid_request(
+                Some(name.into()),
+                "invalid_type",
+                format!("`{name}` must hold JSON (e.g. `[{{\"name\": \"style\", \"scale\": 0.8}}]` for `lora`): {e}"),
+            )
+        });
     }
     Ok(serde_json::Value::String(text))
 }
@@ -411,6 +439,10 @@ pub async fn edits(
         seed: req.seed,
         num_inference_steps: req.num_inference_steps,
         guidance_scale: req.guidance_scale,
+        lora: req.lora,
+        pag_scale: req.pag_scale,
+        pag_adaptive_scale: req.pag_adaptive_scale,
+        pag_applied_layers: req.pag_applied_layers,
     };
     let mut plan = plan(generation, &state)?;
     plan.events = "image_edit";

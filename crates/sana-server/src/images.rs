@@ -12,7 +12,7 @@ use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use sana_engine::sana_backend::Image;
+use sana_engine::sana_backend::{Image, LoraChoice};
 use sana_engine::{Event, GenerateRequest, GenerationStream, Timings};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -23,7 +23,7 @@ use crate::error::{ApiError, ApiJson, ErrorResponse};
 use crate::state::{unix_now, AppState};
 use crate::types::{
     Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, OutputFormat,
-    PartialImageEvent, ProgressEvent, Quality, ResponseFormat, StreamErrorEvent,
+    PagLayers, PartialImageEvent, ProgressEvent, Quality, ResponseFormat, StreamErrorEvent,
 };
 
 /// The path of stored `url` images.
@@ -159,6 +159,18 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
             seed: req.seed,
             previews: partial_images,
             edit: None,
+            lora: req
+                .lora
+                .unwrap_or_default()
+                .into_iter()
+                .map(|l| LoraChoice {
+                    name: l.name,
+                    scale: l.scale,
+                })
+                .collect(),
+            pag_scale: req.pag_scale,
+            pag_adaptive_scale: req.pag_adaptive_scale,
+            pag_applied_layers: req.pag_applied_layers.as_ref().map(PagLayers::specs),
         },
         quality,
         response_format,

@@ -11,8 +11,8 @@ use crate::config::MAX_PARTIAL_IMAGES;
 use crate::error::{ApiError, ErrorResponse};
 use crate::state::AppState;
 use crate::types::{
-    Defaults, HealthResponse, InfoResponse, Limits, Model, ModelList, Quality, QualitySteps,
-    ReadyResponse, WorkerInfo,
+    Defaults, HealthResponse, InfoResponse, Limits, LoraAdapter, Model, ModelList, Quality,
+    QualitySteps, ReadyResponse, WorkerInfo,
 };
 
 fn model(state: &AppState) -> Model {
@@ -21,6 +21,18 @@ fn model(state: &AppState) -> Model {
         object: "model".into(),
         created: state.started_unix(),
         owned_by: "sana-server".into(),
+        lora_adapters: state
+            .engine()
+            .info()
+            .loras
+            .iter()
+            .map(|l| LoraAdapter {
+                name: l.name.clone(),
+                source: l.source.clone(),
+                modules: l.modules,
+                ranks: l.ranks.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -188,6 +200,9 @@ pub async fn openapi(State(state): State<AppState>) -> Json<serde_json::Value> {
         max_n: config.max_n,
         max_steps: config.max_steps,
         max_prompt_chars: config.max_prompt_chars,
+        loras: model.loras.iter().map(|l| l.name.clone()).collect(),
+        transformer_layers: model.transformer_layers,
+        pag_supported: model.pag_supported,
     }))
 }
 

@@ -12,9 +12,9 @@ use utoipa::{Modify, OpenApi};
 use crate::edits::{CreateImageEditRequest, InputFidelity};
 use crate::error::{ErrorDetail, ErrorResponse};
 use crate::types::{
-    Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, Model, ModelList,
-    Moderation, OutputFormat, PartialImageEvent, ProgressEvent, Quality, ResponseFormat,
-    StreamErrorEvent, Style,
+    Background, CompletedEvent, CreateImageRequest, ImageData, ImagesResponse, LoraAdapter,
+    LoraRequest, Model, ModelList, Moderation, OutputFormat, PagLayer, PagLayers,
+    PartialImageEvent, ProgressEvent, Quality, ResponseFormat, StreamErrorEvent, Style,
 };
 use crate::{edits, images, meta};
 
@@ -43,7 +43,7 @@ use crate::{edits, images, meta};
     components(schemas(
         CreateImageRequest, CreateImageEditRequest, InputFidelity, Quality, ResponseFormat, OutputFormat, Background, Style, Moderation,
         ImagesResponse, ImageData, PartialImageEvent, ProgressEvent, CompletedEvent, StreamErrorEvent,
-        ModelList, Model, ErrorResponse, ErrorDetail,
+        ModelList, Model, LoraAdapter, LoraRequest, PagLayers, PagLayer, ErrorResponse, ErrorDetail,
     )),
     modifiers(&BearerAuth, &MultipartForm, &Seeds),
     tags(
@@ -193,6 +193,12 @@ pub struct ServedLimits {
     pub max_steps: u32,
     /// Characters of a prompt.
     pub max_prompt_chars: usize,
+    /// The LoRA adapters' names.
+    pub loras: Vec<String>,
+    /// Transformer blocks (PAG's layers).
+    pub transformer_layers: u32,
+    /// Whether PAG is available.
+    pub pag_supported: bool,
 }
 
 /// The document `GET /openapi.json` serves: the committed one narrowed to this server, so that a
@@ -220,6 +226,44 @@ pub fn served(limits: &ServedLimits) -> Value {
         properties["n"]["maximum"] = json!(limits.max_n);
         properties["num_inference_steps"]["maximum"] = json!(limits.max_steps);
         properties["prompt"]["maxLength"] = json!(limits.max_prompt_chars);
+        // The adapters this server loaded, each once; PAG's blocks of this model as indices or
+        // exact names (the server also takes diffusers' regular expressions).
+        let description = properties["lora"]["description"].clone();
+        properties["lora"] = if limits.loras.is_empty() {
+            json!({"type": ["array", "null"], "maxItems": 0, "description": description})
+        } else {
+            json!({
+                "type": ["array", "null"],
+                "maxItems": limits.loras.len(),
+                "items": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "enum": limits.loras},
+                        "scale": {"type": "number", "minimum": -100, "maximum": 100}
+                    }
+                },
+                "description": description
+            })
+        };
+        let layer = json!({"oneOf": [
+            {"type": "integer", "minimum": 0, "maximum": limits.transformer_layers.saturating_sub(1)},
+            {"type": "string", "enum": (0..limits.transformer_layers)
+                .map(|i| format!("transformer_blocks.{i}")).collect::<Vec<_>>()}
+        ]});
+        let description = properties["pag_applied_layers"]["description"].clone();
+        properties["pag_applied_layers"] = json!({
+            "oneOf": [
+                {"type": "null"},
+                layer,
+                {"type": "array", "minItems": 1, "items": layer}
+            ],
+            "description": description
+        });
+        if !limits.pag_supported {
+            properties["pag_scale"]["maximum"] = json!(0);
+        }
         if schema.get("example").is_some() {
             schema["example"]["size"] = json!(limits.default_size);
         }

@@ -86,6 +86,79 @@ pub struct CreateImageRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 100)]
     pub guidance_scale: Option<f32>,
+    /// Extension: LoRA adapters to apply, by the names the server loaded (`sana serve --lora
+    /// NAME=PATH`; listed by `GET /v1/models`), each at most once. Requests with different
+    /// adapters still share a batch: the adapters are applied per image, never merged.
+    #[serde(default)]
+    pub lora: Option<Vec<LoraRequest>>,
+    /// Extension: perturbed-attention guidance scale, 0 to 100 (0 turns PAG off; diffusers'
+    /// `SanaPAGPipeline` uses 3.0). Default: 3.0 for a `SanaPAGPipeline` model folder, else 0. PAG
+    /// adds one transformer row per image (≈1.5× the time per step with guidance).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub pag_scale: Option<f32>,
+    /// Extension: PAG's adaptive scale, 0 to 100 (default 0): at timestep `t` (1000 → 0) the PAG
+    /// scale is `max(0, pag_scale − pag_adaptive_scale·(1000 − t))`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub pag_adaptive_scale: Option<f32>,
+    /// Extension: the transformer blocks PAG perturbs, as diffusers' `pag_applied_layers` takes
+    /// them (default `transformer_blocks.0`): a block index, or a name searched as a regular
+    /// expression in `transformer_blocks.<i>.attn1` (so `transformer_blocks.1` also selects blocks
+    /// 10–19, as in diffusers; use the index `1` for block 1 alone), or a list of these.
+    #[serde(default)]
+    pub pag_applied_layers: Option<PagLayers>,
+}
+
+/// One LoRA adapter of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// An adapter name from `GET /v1/models` (`data[].lora_adapters[].name`).
+    pub name: String,
+    /// Multiplies the adapter's trained strength (its `alpha / rank`); 1 (default) applies it as
+    /// trained, 0 switches it off, negative values subtract it. Finite, −100 to 100.
+    #[serde(default = "one")]
+    #[schema(minimum = -100, maximum = 100, default = 1.0)]
+    pub scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// PAG blocks: one entry or a list (see `pag_applied_layers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PagLayers {
+    /// One block index or name.
+    One(PagLayer),
+    /// Several; their blocks together.
+    Many(Vec<PagLayer>),
+}
+
+/// A block index (`8`) or a name (`transformer_blocks.8`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PagLayer {
+    /// A block index, `0..` the model's block count.
+    Index(u32),
+    /// A name or regular expression matched against `transformer_blocks.<i>.attn1`.
+    Name(String),
+}
+
+impl PagLayers {
+    /// The entries as diffusers' strings.
+    pub fn specs(&self) -> Vec<String> {
+        let text = |l: &PagLayer| match l {
+            PagLayer::Index(i) => i.to_string(),
+            PagLayer::Name(n) => n.clone(),
+        };
+        match self {
+            Self::One(l) => vec![text(l)],
+            Self::Many(v) => v.iter().map(text).collect(),
+        }
+    }
 }
 
 /// Requested quality, mapped to denoising steps relative to the model's default step count `D`
@@ -339,6 +412,21 @@ pub struct Model {
     pub created: u64,
     /// Always `sana-server`.
     pub owned_by: String,
+    /// Extension: the LoRA adapters a request may choose (`lora`), empty when none is loaded.
+    pub lora_adapters: Vec<LoraAdapter>,
+}
+
+/// A loaded LoRA adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LoraAdapter {
+    /// The name a request gives in `lora`.
+    pub name: String,
+    /// Where it was loaded from.
+    pub source: String,
+    /// Transformer modules it changes.
+    pub modules: u32,
+    /// Its ranks.
+    pub ranks: Vec<u32>,
 }
 
 /// `GET /health`: the process is up.

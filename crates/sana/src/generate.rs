@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sana_model::pipeline::edit::InitImage;
 use sana_model::pipeline::sampling::Flow;
-use sana_model::pipeline::{GenerateRequest, ItemRequest};
+use sana_model::pipeline::{GenerateRequest, ItemRequest, LoraChoice};
 
 use crate::model::ModelSpec;
 
@@ -84,6 +84,36 @@ pub struct GenerateArgs {
     /// written as name-0.png, name-1.png, ...
     #[arg(long, short, default_value = "sana.png")]
     output: PathBuf,
+    /// A LoRA adapter, PATH[:SCALE] (scale 1 by default): a diffusers
+    /// `pytorch_lora_weights.safetensors`, the folder holding it, or a Hub repo id. Repeat the flag
+    /// for several adapters.
+    #[arg(long, value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
+    /// Perturbed-attention guidance scale (diffusers' SanaPAGPipeline; 0 = off). Default: 3.0 for a
+    /// SanaPAGPipeline folder, else 0.
+    #[arg(long)]
+    pag_scale: Option<f32>,
+    /// PAG's blocks, comma-separated indices or names as diffusers' `pag_applied_layers` (names
+    /// are regular expressions searched in `transformer_blocks.<i>.attn1`). Default:
+    /// transformer_blocks.0.
+    #[arg(long, value_delimiter = ',', value_name = "L,...")]
+    pag_layers: Vec<String>,
+    /// PAG's adaptive scale: the scale at timestep t is max(0, pag_scale − this·(1000 − t)).
+    #[arg(long, default_value_t = 0.0)]
+    pag_adaptive_scale: f32,
+}
+
+/// `PATH[:SCALE]` → (path, scale): the part after the last `:` is the scale when it is a number.
+pub fn parse_lora_arg(arg: &str) -> Result<(String, f32)> {
+    if let Some((path, scale)) = arg.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f32>() {
+            if !scale.is_finite() {
+                bail!("--lora {arg}: the scale must be a finite number");
+            }
+            return Ok((path.to_string(), scale));
+        }
+    }
+    Ok((arg.to_string(), 1.0))
 }
 
 #[derive(Debug, Args)]
@@ -249,7 +279,31 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         diffusers_instruction: args.diffusers_instruction,
     };
     let (resolved, _) = spec.resolve()?;
-    let pipe = resolved.load(&device, &args.dtype, args.variant.as_deref())?;
+    let mut pipe = resolved.load(&device, &args.dtype, args.variant.as_deref())?;
+    let hub = sana_model::source::HubOptions::from_env();
+    let mut lora = Vec::new();
+    for (k, arg) in args.lora.iter().enumerate() {
+        let (spec, scale) = parse_lora_arg(arg)?;
+        let path = sana_model::source::resolve_lora(&spec, &hub)
+            .with_context(|| format!("--lora {arg}"))?;
+        let name = format!("lora{k}");
+        pipe.add_lora(&name, &path)
+            .with_context(|| format!("--lora {arg}"))?;
+        lora.push(LoraChoice { name, scale });
+    }
+    let pag_scale = args
+        .pag_scale
+        .unwrap_or_else(|| pipe.pag_defaults().map_or(0.0, |d| d.scale));
+    let pag_layers = if pag_scale > 0.0 {
+        if args.pag_layers.is_empty() {
+            pipe.resolve_pag_layers(&["transformer_blocks.0".to_string()])?
+        } else {
+            pipe.resolve_pag_layers(&args.pag_layers)
+                .context("--pag-layers")?
+        }
+    } else {
+        Vec::new()
+    };
     let defaults = pipe.defaults();
     let steps = args.steps.unwrap_or(defaults.steps);
     let guidance_scale = args.guidance_scale.unwrap_or(defaults.guidance_scale);
@@ -309,6 +363,9 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
             seed: args.seed.wrapping_add((k * args.num_images) as u64),
             guidance_scale,
             init_image: init_image.clone(),
+            lora: lora.clone(),
+            pag_scale,
+            pag_adaptive_scale: args.pag_adaptive_scale,
         })
         .collect();
     let latents = match &args.latents {
@@ -337,6 +394,7 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         strength: edit.as_ref().map(|e| f64::from(e.strength)),
         schedule: Default::default(),
         scheduler: None,
+        pag_layers,
     };
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(steps as u64);

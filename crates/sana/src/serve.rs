@@ -1,7 +1,7 @@
 //! `sana serve`: the HTTP server over the engine, one worker per device, each with its own copy of
 //! the pipeline.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sana_backend::{Backend, BackendError};
 use sana_model::backend::SanaBackend;
 use sana_server::{ServeArgs, ServerConfig};
@@ -19,6 +19,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         diffusers_instruction: args.diffusers_instruction,
     };
     let max_batch_images = args.max_batch_images;
+    // Adapters: names checked and Hub ids fetched once, before any worker starts.
+    let hub = sana_model::source::HubOptions::from_env();
+    let mut loras: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for arg in &args.lora {
+        let (name, path) = parse_named_lora(arg)?;
+        if loras.iter().any(|(n, _)| *n == name) {
+            bail!("--lora {arg}: the name `{name}` is given twice");
+        }
+        let path = sana_model::source::resolve_lora(&path, &hub)
+            .with_context(|| format!("--lora {arg}"))?;
+        loras.push((name, path));
+    }
     let (dtype, variant) = (args.dtype.clone(), args.variant.clone());
     let (default_steps, default_guidance) = (args.default_steps, args.default_guidance_scale);
     let config = ServerConfig::try_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -38,6 +50,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             defaults.guidance_scale = g;
         }
         pipe.set_defaults(defaults);
+        for (name, path) in &loras {
+            pipe.add_lora(name, path)
+                .with_context(|| format!("--lora {name}={}", path.display()))
+                .map_err(internal)?;
+        }
         Ok(Box::new(SanaBackend::new(
             pipe,
             &model_id,
@@ -51,4 +68,40 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let report = runtime.block_on(sana_server::run(config, factory))?;
     tracing::info!(?report, "stopped");
     Ok(())
+}
+
+/// `NAME=PATH` of `--lora`: a name of letters, digits, `-`, `_` and `.`, and a path or Hub id.
+pub fn parse_named_lora(arg: &str) -> Result<(String, String)> {
+    let Some((name, path)) = arg.split_once('=') else {
+        bail!("--lora {arg}: expected NAME=PATH (e.g. --lora style=./style-lora)");
+    };
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("--lora {arg}: the name must be letters, digits, `-`, `_` or `.`");
+    }
+    if path.trim().is_empty() {
+        bail!("--lora {arg}: the path is empty");
+    }
+    Ok((name.to_string(), path.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_named_lora;
+
+    #[test]
+    fn lora_flags_need_a_name_and_a_path() {
+        assert_eq!(
+            parse_named_lora("style=org/repo@v1").unwrap(),
+            ("style".to_string(), "org/repo@v1".to_string())
+        );
+        assert_eq!(parse_named_lora("a.b-c_1=/x=y").unwrap().1, "/x=y");
+        for bad in ["style", "=x", "st yle=x", "style="] {
+            assert!(parse_named_lora(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -132,6 +132,95 @@ fn generate_errors_are_one_line() {
     }
 }
 
+#[test]
+fn generate_applies_lora_adapters_and_pag() {
+    let model = model_dir("lora");
+    let adapters = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/adapters")
+        .canonicalize()
+        .unwrap();
+    let attn = adapters.join("lora_attn").display().to_string();
+    let subset = adapters
+        .join("lora_subset/pytorch_lora_weights.safetensors")
+        .display()
+        .to_string();
+    let out = std::env::temp_dir().join(format!("sana-cli-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = out.join(format!("{name}.png"));
+        let result = sana()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args([
+                "--prompt",
+                "a red circle",
+                "--width",
+                "96",
+                "--height",
+                "64",
+            ])
+            .args(["--steps", "2", "--no-resolution-binning", "--seed", "5"])
+            .args(extra)
+            .arg("--output")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        image::open(&path).unwrap().to_rgb8().into_raw()
+    };
+    let plain = run("plain", &[]);
+    assert!(
+        run("zero", &["--lora", &format!("{attn}:0")]) == plain,
+        "an adapter at scale 0 changes nothing"
+    );
+    let one = run("one", &["--lora", &attn]);
+    assert!(one != plain, "the adapter changes the image");
+    let two = run(
+        "two",
+        &["--lora", &format!("{attn}:0.5"), "--lora", &subset],
+    );
+    assert!(two != one && two != plain, "two adapters");
+    let pag = run("pag", &["--pag-scale", "2", "--pag-layers", "1"]);
+    assert!(pag != plain, "PAG changes the image");
+    // Errors: an adapter made for another transformer names the key and both shapes; PAG layers
+    // the model does not have name the flag.
+    for (args, needles) in [
+        (
+            vec!["--model", "sana-tiny-scenes", "--lora", attn.as_str()],
+            vec!["--lora", "lora_A.weight", "has shape", "the model needs"],
+        ),
+        (
+            vec!["--pag-scale", "1", "--pag-layers", "transformer_blocks.9"],
+            vec!["--pag-layers", "transformer_blocks.9", "2 blocks"],
+        ),
+        (
+            vec!["--lora", "/nonexistent.safetensors"],
+            vec!["--lora", "/nonexistent.safetensors"],
+        ),
+    ] {
+        let mut cmd = sana();
+        cmd.args(["generate", "--prompt", "x", "--steps", "1"]);
+        if !args.contains(&"--model") {
+            cmd.arg("--model").arg(&model);
+        }
+        let result = cmd
+            .args(&args)
+            .env("SANA_CACHE_DIR", cache_dir("lora"))
+            .output()
+            .unwrap();
+        assert_eq!(result.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}
+
 struct Server {
     child: Child,
     port: u16,

@@ -4,6 +4,7 @@
 //! Nothing waits on a fixed sleep: batches are held with a `Gate`, time-to-live and rate limits
 //! run on a `ManualClock`, and "admitted" is observed through `Engine::in_flight`.
 
+mod adapters;
 mod auth;
 mod cancel;
 mod common;
