@@ -126,6 +126,10 @@ pub struct ModelInfo {
     /// PAG scale when a request does not say: 3.0 for `SanaPAGPipeline` folders, 0 (off) else.
     #[serde(default)]
     pub default_pag_scale: f32,
+    /// PAG's blocks when a request names none (diffusers: block 0; an NVlabs YAML's
+    /// `pag_applied_layers`); empty means block 0.
+    #[serde(default)]
+    pub default_pag_layers: Vec<u32>,
 }
 
 /// A loaded LoRA adapter as the API lists it.

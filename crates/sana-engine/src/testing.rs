@@ -211,6 +211,7 @@ impl FakeBackend {
             transformer_layers: 20,
             pag_supported: true,
             default_pag_scale: 0.0,
+            default_pag_layers: vec![0],
         }
     }
 

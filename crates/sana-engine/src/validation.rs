@@ -47,7 +47,7 @@ pub struct GenerateRequest {
     /// PAG's adaptive scale, `0..=`[`MAX_PAG_SCALE`]; 0 when `None`.
     pub pag_adaptive_scale: Option<f32>,
     /// PAG's blocks as diffusers' `pag_applied_layers` takes them (indices or names, see
-    /// [`resolve_pag_layers`]); `transformer_blocks.0` (diffusers' default) when `None`.
+    /// [`resolve_pag_layers`]); [`ModelInfo::default_pag_layers`] when `None`.
     pub pag_applied_layers: Option<Vec<String>>,
 }
 
@@ -297,10 +297,13 @@ fn check_pag(
     if scale == 0.0 && req.pag_applied_layers.is_none() {
         return Ok((0.0, adaptive, None));
     }
-    let specs = req
-        .pag_applied_layers
-        .clone()
-        .unwrap_or_else(|| vec!["transformer_blocks.0".to_owned()]);
+    let specs = req.pag_applied_layers.clone().unwrap_or_else(|| {
+        if info.default_pag_layers.is_empty() {
+            vec!["0".to_owned()]
+        } else {
+            info.default_pag_layers.iter().map(u32::to_string).collect()
+        }
+    });
     if specs.is_empty() {
         return Err(ValidationError::new(
             "pag_applied_layers",

@@ -77,6 +77,11 @@ impl SanaBackend {
             transformer_layers: pipe.transformer().config().num_layers as u32,
             pag_supported: pipe.kind() == PipelineKind::Sana,
             default_pag_scale: pipe.pag_defaults().map_or(0.0, |d| d.scale),
+            default_pag_layers: pipe
+                .default_pag_layers()
+                .into_iter()
+                .map(|i| i as u32)
+                .collect(),
         };
         Self { pipe, info }
     }

@@ -103,7 +103,8 @@ pub struct CreateImageRequest {
     #[schema(minimum = 0, maximum = 100)]
     pub pag_adaptive_scale: Option<f32>,
     /// Extension: the transformer blocks PAG perturbs, as diffusers' `pag_applied_layers` takes
-    /// them (default `transformer_blocks.0`): a block index, or a name searched as a regular
+    /// them (default: block 0 as in diffusers, or an NVlabs YAML's `pag_applied_layers`): a block
+    /// index, or a name searched as a regular
     /// expression in `transformer_blocks.<i>.attn1` (so `transformer_blocks.1` also selects blocks
     /// 10–19, as in diffusers; use the index `1` for block 1 alone), or a list of these.
     #[serde(default)]

@@ -95,7 +95,7 @@ pub struct GenerateArgs {
     pag_scale: Option<f32>,
     /// PAG's blocks, comma-separated indices or names as diffusers' `pag_applied_layers` (names
     /// are regular expressions searched in `transformer_blocks.<i>.attn1`). Default:
-    /// transformer_blocks.0.
+    /// transformer_blocks.0 (an NVlabs YAML's `pag_applied_layers`).
     #[arg(long, value_delimiter = ',', value_name = "L,...")]
     pag_layers: Vec<String>,
     /// PAG's adaptive scale: the scale at timestep t is max(0, pag_scale − this·(1000 − t)).
@@ -296,7 +296,7 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         .unwrap_or_else(|| pipe.pag_defaults().map_or(0.0, |d| d.scale));
     let pag_layers = if pag_scale > 0.0 {
         if args.pag_layers.is_empty() {
-            pipe.resolve_pag_layers(&["transformer_blocks.0".to_string()])?
+            pipe.default_pag_layers()
         } else {
             pipe.resolve_pag_layers(&args.pag_layers)
                 .context("--pag-layers")?

@@ -21,8 +21,9 @@ pub struct LoraChoice {
     pub scale: f32,
 }
 
-/// PAG of a `SanaPAGPipeline` folder when a request does not say: diffusers' call and constructor
-/// defaults, `pag_scale = 3.0` on `transformer_blocks.0`.
+/// PAG when a request does not say: for a `SanaPAGPipeline` folder diffusers' call and constructor
+/// defaults, `pag_scale = 3.0` on `transformer_blocks.0`; for an NVlabs checkpoint its YAML's
+/// `pag_applied_layers` at scale 0 (off unless asked for).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PagDefaults {
     pub scale: f32,
@@ -58,9 +59,17 @@ impl SanaPipeline {
         &self.loras
     }
 
-    /// PAG's defaults for this folder: `Some` for `SanaPAGPipeline` folders.
+    /// PAG's defaults: `Some` for `SanaPAGPipeline` folders and NVlabs YAMLs that name blocks.
     pub fn pag_defaults(&self) -> Option<&PagDefaults> {
         self.pag_defaults.as_ref()
+    }
+
+    /// The blocks PAG perturbs when a request names none: the defaults', else diffusers' default
+    /// `transformer_blocks.0`.
+    pub fn default_pag_layers(&self) -> Vec<usize> {
+        self.pag_defaults
+            .as_ref()
+            .map_or_else(|| vec![0], |d| d.layers.clone())
     }
 
     /// The transformer blocks PAG perturbs for `layers` as diffusers' `pag_applied_layers` takes
@@ -104,6 +113,8 @@ impl SanaPipeline {
             perturbed: pag_layers.map(|layers| Perturbed {
                 first_row: images * (groups - 1),
                 blocks: layers.to_vec(),
+                // The positive rows, just before: same latents, text, timestep and adapters.
+                copy_of: Some(images * (groups - 2)),
             }),
         })
     }

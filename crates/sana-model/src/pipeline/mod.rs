@@ -477,7 +477,15 @@ impl SanaPipeline {
                 max_sequence_length: nv.text_encoder.model_max_length,
             },
             loras: Vec::new(),
-            pag_defaults: None,
+            // The YAML's PAG blocks for requests that ask for PAG without naming blocks; off
+            // unless asked.
+            pag_defaults: match (&nv.model.pag_applied_layers, kind) {
+                (Some(layers), PipelineKind::Sana) if !layers.is_empty() => Some(PagDefaults {
+                    scale: 0.0,
+                    layers: layers.clone(),
+                }),
+                _ => None,
+            },
         })
     }
 

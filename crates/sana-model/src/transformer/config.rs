@@ -131,8 +131,8 @@ impl SanaTransformerConfig {
         (self.mlp_ratio * self.inner_dim() as f64) as usize
     }
 
-    pub(super) fn cross(&self) -> (usize, usize) {
-        // Validated to be Some in `validate`.
+    /// Cross-attention heads and head width (validated to be set by `validate`).
+    pub fn cross(&self) -> (usize, usize) {
         (
             self.num_cross_attention_heads.unwrap_or(0),
             self.cross_attention_head_dim.unwrap_or(0),

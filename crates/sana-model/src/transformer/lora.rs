@@ -141,10 +141,10 @@ fn targets(cfg: &SanaTransformerConfig) -> Vec<Option<Target>> {
 /// One module's low-rank update: `scaling · (x Aᵀ) Bᵀ (+ scaling · bias)`.
 #[derive(Debug, Clone)]
 struct LoraModule {
-    /// `Aᵀ`, `[in, r]`, contiguous.
-    down_t: Tensor,
-    /// `Bᵀ`, `[r, out]`, contiguous.
-    up_t: Tensor,
+    /// `A`, `[r, in]` (used transposed: a view as the right operand costs nothing).
+    down: Tensor,
+    /// `B`, `[out, r]`.
+    up: Tensor,
     /// `lora_B.bias` (peft's `lora_bias`), `[out]`.
     up_bias: Option<Tensor>,
     scaling: f64,
@@ -193,6 +193,39 @@ fn pattern_value<'a>(
         }
     }
     Ok(None)
+}
+
+/// The `__metadata__` strings of a safetensors header (only the header is read).
+fn read_header_metadata(file: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let bad =
+        |msg: &str| Error::Weights(format!("{}: not a safetensors file: {msg}", file.display()));
+    let mut f = std::fs::File::open(file).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("shorter than its header"))?;
+    let len = u64::from_le_bytes(len);
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return Err(bad("its header length does not fit the file"));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(&format!("its header is not JSON: {e}")))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// diffusers' `UNET_TO_DIFFUSERS` renames (older LoRA formats), applied to keys without `lora_A`/`lora_B`.
@@ -244,18 +277,9 @@ impl LoraAdapter {
         device: &Device,
     ) -> Result<Self> {
         let file = adapter_file(path)?;
-        let bytes = std::fs::read(&file).map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?;
         let bad = |msg: String| Error::Weights(format!("{}: {msg}", file.display()));
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let metadata: Option<Metadata> = match header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("lora_adapter_metadata"))
-        {
+        let header = read_header_metadata(&file)?;
+        let metadata: Option<Metadata> = match header.get("lora_adapter_metadata") {
             None => None,
             Some(raw) => {
                 let all: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
@@ -278,8 +302,16 @@ impl LoraAdapter {
         if metadata.as_ref().is_some_and(|m| m.use_dora) {
             return Err(bad("DoRA adapters (use_dora) are not supported".into()));
         }
-        let raw = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-        drop(bytes);
+        // SAFETY: the file is mapped read-only and each tensor is copied out before the map is
+        // dropped; a file truncated meanwhile could fault, as for any mmap-loaded checkpoint.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let raw = mapped
+            .tensors()
+            .into_iter()
+            .map(|(key, _)| Ok((key.clone(), mapped.load(&key, &Device::Cpu)?)))
+            .collect::<Result<HashMap<String, Tensor>>>()?;
+        drop(mapped);
         Self::from_tensors(name, &file, raw, metadata, cfg, dtype, device)
     }
 
@@ -442,8 +474,8 @@ impl LoraAdapter {
             let a2 = a.reshape((r, a.elem_count() / r))?;
             let b2 = b.reshape((target.out, r))?;
             let m = LoraModule {
-                down_t: a2.t()?.to_dtype(dtype)?.to_device(device)?.contiguous()?,
-                up_t: b2.t()?.to_dtype(dtype)?.to_device(device)?.contiguous()?,
+                down: a2.to_dtype(dtype)?.to_device(device)?,
+                up: b2.to_dtype(dtype)?.to_device(device)?,
                 up_bias: bias
                     .as_ref()
                     .map(|t| t.to_dtype(dtype)?.to_device(device))
@@ -610,7 +642,10 @@ impl LoraRows {
             let in_dim = dims[dims.len() - 1];
             let rows = x.elem_count() / in_dim;
             // [rows, in] · [in, r] → the rank-r intermediate, scaled per row.
-            let h = x.contiguous()?.reshape((rows, in_dim))?.matmul(&m.down_t)?;
+            let h = x
+                .contiguous()?
+                .reshape((rows, in_dim))?
+                .matmul(&m.down.t()?)?;
             let r = h.dim(1)?;
             // The factor of each row: one number, or `[B, 1, 1]` per row.
             let factor = match (scales, row) {
@@ -618,9 +653,11 @@ impl LoraRows {
                 (RowScales::Rows(values, _), Some(i)) => {
                     Factor::One(f64::from(values[i]) * m.scaling)
                 }
-                (RowScales::Rows(_, t), None) => {
-                    Factor::PerRow((t.reshape((dims[0], 1, 1))? * m.scaling)?)
-                }
+                // The rows in the forward are a prefix of the generation's (PAG's copies join
+                // later; see `forward_with_caption`).
+                (RowScales::Rows(_, t), None) => Factor::PerRow(
+                    (t.narrow(0, 0, dims[0])?.reshape((dims[0], 1, 1))? * m.scaling)?,
+                ),
             };
             if matches!(factor, Factor::One(f) if f == 0.0) {
                 continue;
@@ -633,7 +670,7 @@ impl LoraRows {
                     .broadcast_mul(t)?
                     .reshape((rows, r))?,
             };
-            let mut delta = h.matmul(&m.up_t)?; // [rows, out]
+            let mut delta = h.matmul(&m.up.t()?)?; // [rows, out]
             if let Some(bias) = &m.up_bias {
                 let out = delta.dim(1)?;
                 delta = match &factor {

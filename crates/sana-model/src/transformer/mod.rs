@@ -72,6 +72,10 @@ pub struct Perturbed {
     pub first_row: usize,
     /// Block indices, each `< num_layers`.
     pub blocks: Vec<usize>,
+    /// `Some(s)`: the caller guarantees that the perturbed rows are copies of rows `s..` (the
+    /// same latents, text, timestep, guidance and adapter scales), so they are computed only from
+    /// the first perturbed block on.
+    pub copy_of: Option<usize>,
 }
 
 /// Per-row settings of a generation's forwards (see [`SanaTransformer2DModel::prepare_caption_rows`]).
@@ -281,6 +285,14 @@ impl SanaTransformer2DModel {
                     p.first_row
                 ))));
             }
+            if p.copy_of
+                .is_some_and(|s| s + (b - p.first_row) > p.first_row)
+            {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "PAG's perturbed rows {}.. must copy rows before them, not from {:?}",
+                    p.first_row, p.copy_of
+                ))));
+            }
             if let Some(&bad) = p.blocks.iter().find(|&&i| i >= self.blocks.len()) {
                 return Err(Error::Unsupported {
                     field: "pag_applied_layers",
@@ -443,8 +455,26 @@ impl SanaTransformer2DModel {
         let (t6, embedded) = self
             .time_embed
             .forward(timestep, guidance, self.dtype, lora)?;
-        // 4. Blocks.
+        // 4. Blocks. PAG's perturbed rows that copy earlier rows (same latents, text, timestep and
+        //    adapters) equal them up to the first perturbed block, so they join there as copies
+        //    instead of being computed twice.
+        let join = caption.perturbed.as_ref().and_then(|p| {
+            let first_block = p.blocks.iter().copied().min()?;
+            p.copy_of.map(|src| (p.first_row, src, first_block))
+        });
+        let rows = hs.dim(0)?;
+        if let Some((first_row, _, _)) = join {
+            hs = hs.narrow(0, 0, first_row)?;
+        }
         for (i, (block, items)) in self.blocks.iter().zip(&caption.blocks).enumerate() {
+            if let Some((first_row, src, first_block)) = join {
+                if i == first_block {
+                    let copies = hs.narrow(0, src, rows - first_row)?;
+                    hs = Tensor::cat(&[&hs, &copies], 0)?;
+                }
+            }
+            let live = hs.dim(0)?;
+            let (items, t6) = (&items[..live], t6.narrow(0, 0, live)?);
             let ctx = BlockContext {
                 block: i,
                 lora,

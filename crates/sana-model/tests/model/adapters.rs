@@ -328,6 +328,14 @@ fn bad_adapter_files_are_refused_naming_the_key_and_shapes() {
         err.contains("conv_depth") && err.contains("depthwise"),
         "{err}"
     );
+    // Not a safetensors file.
+    let garbage = std::env::temp_dir().join(format!(
+        "sana-lora-garbage-{}.safetensors",
+        std::process::id()
+    ));
+    std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
+    let err = load_err(&model, &garbage);
+    assert!(err.contains("not a safetensors file"), "{err}");
     // No such file, and a folder without the diffusers file name.
     let err = load_err(&model, Path::new("/nonexistent/adapter.safetensors"));
     assert!(err.contains("/nonexistent/adapter.safetensors"), "{err}");
@@ -379,4 +387,69 @@ fn requests_with_unknown_adapters_or_bad_scales_are_refused() {
         .to_string();
     assert!(err.contains("unique"), "{err}");
     let _ = LoraAdapter::load; // the type is public for callers that load outside a pipeline
+}
+
+/// PAG's perturbed rows join as copies of the positive rows at the first perturbed block
+/// (`Perturbed::copy_of`): the same output as computing them from the start, and a perturbed
+/// block really changes them (the identity attention differs from the attended rows).
+#[test]
+fn perturbed_rows_joining_late_equal_rows_computed_from_the_start() {
+    use sana_model::transformer::Perturbed;
+    let model = transformer();
+    let t = load(&dir().join("transformer.safetensors"));
+    // Rows: [negative, positive, perturbed copy of positive].
+    let pick = |name: &str, rows: &[u32]| {
+        let idx = Tensor::new(rows, &common::device()).unwrap();
+        t[name].index_select(&idx, 0).unwrap()
+    };
+    let x = pick("hidden_states", &[0, 1, 1]);
+    let y = pick("encoder_hidden_states", &[0, 1, 1]);
+    let ts = Tensor::new(&[700f32, 700., 700.], &common::device()).unwrap();
+    let lengths = [10, 6, 6];
+    for block in [0usize, 1] {
+        let run = |copy_of: Option<usize>| {
+            let lora = LoraRows::new(
+                vec![(
+                    Arc::new(model.load_lora("attn", &adapter_path("attn")).unwrap()),
+                    vec![0.5, 1.0, 1.0],
+                )],
+                model.config(),
+                model.dtype(),
+                &common::device(),
+            )
+            .unwrap();
+            let caption = model
+                .prepare_caption_rows(
+                    &y,
+                    &lengths,
+                    RowOptions {
+                        lora,
+                        perturbed: Some(Perturbed {
+                            first_row: 2,
+                            blocks: vec![block],
+                            copy_of,
+                        }),
+                    },
+                )
+                .unwrap();
+            model.forward_with_caption(&x, &ts, None, &caption).unwrap()
+        };
+        let (late, early) = (run(Some(1)), run(None));
+        common::assert_close(
+            &format!("block {block}"),
+            &late,
+            &early,
+            1e-6,
+            "joined late",
+        );
+        let (pos, ptb) = (
+            early.narrow(0, 1, 1).unwrap(),
+            early.narrow(0, 2, 1).unwrap(),
+        );
+        let c = sana_testing::compare(&ptb, &pos).unwrap();
+        assert!(
+            c.relative() > 1e-2,
+            "block {block}: the perturbed row equals the positive one"
+        );
+    }
 }

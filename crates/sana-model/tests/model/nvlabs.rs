@@ -603,3 +603,35 @@ fn unknown_values_of_computation_fields_are_refused() {
         assert_mentions(&err, &[field]);
     }
 }
+
+/// An NVlabs YAML's `model.pag_applied_layers` are the blocks PAG perturbs when a request names
+/// none; PAG stays off unless asked for. Without the key, diffusers' default block 0.
+#[test]
+fn nvlabs_pag_layers_are_the_pag_default() {
+    use sana_model::pipeline::{LoadOptions, SanaPipeline};
+    let src = fixtures().join("nvlabs/pipelines/head16");
+    let dir = std::env::temp_dir().join(format!("sana-nvlabs-pag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = std::fs::read_to_string(src.join("config.yaml")).unwrap();
+    let load = |yaml: &str| {
+        std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+        SanaPipeline::load_nvlabs(
+            &src.join("model.pth"),
+            &dir.join("config.yaml"),
+            &gemma_folder(),
+            &fixtures().join("autoencoder/sana_small"),
+            &LoadOptions::new(Device::Cpu),
+        )
+        .unwrap()
+    };
+    let plain = load(&yaml);
+    assert_eq!(plain.default_pag_layers(), vec![0]);
+    assert!(plain.pag_defaults().is_none());
+    let with = load(&yaml.replacen("model:\n", "model:\n  pag_applied_layers: [0]\n", 1));
+    let d = with.pag_defaults().expect("the YAML's layers");
+    assert_eq!(
+        (d.scale, d.layers.clone()),
+        (0.0, vec![0]),
+        "off unless asked"
+    );
+}

@@ -14,11 +14,13 @@ use sana_model::ops::depthwise_conv2d;
 use sana_model::transformer::{SanaTransformer2DModel, SanaTransformerConfig, TransformerInput};
 use sana_model::weights::{random_var_builder, read_config};
 
+mod adapters;
 mod edit;
 mod http;
 mod pipeline;
 mod text_encoder;
 
+use adapters::AdapterBench;
 use edit::EditBench;
 use http::HttpBench;
 use pipeline::{ModelBench, PipelineBench};
@@ -95,6 +97,10 @@ enum Part {
     /// costs against text-to-image, beside diffusers (SanaPipeline's loop with SD3's edit steps,
     /// and SanaSprintImg2ImgPipeline).
     Edit(EditBench),
+    /// LoRA and PAG: the DiT forward with a rank-r adapter on every attention projection and a
+    /// PAG step, each against the plain forward in the same run, and the resident memory an
+    /// adapter adds.
+    Adapters(AdapterBench),
     /// A load test of a running `sana serve`: many clients posting generations at once; checks
     /// every answer and reports images/s and latency percentiles.
     Http(HttpBench),
@@ -245,6 +251,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Part::TextEncoder(bench) => bench.run(&args)?,
         Part::Pipeline(bench) => bench.run(&args)?,
         Part::Edit(bench) => bench.run(&args)?,
+        Part::Adapters(bench) => bench.run(&args)?,
         Part::Model(bench) => bench.run(&args)?,
         Part::Http(bench) => bench.run()?,
         Part::Vae {
