@@ -675,4 +675,29 @@ mod tests {
         // The snapshot has a transformer config but no weights: not complete for an online run.
         assert!(!snapshot_complete(&snap, None));
     }
+
+    #[test]
+    fn lora_adapters_resolve_from_paths_and_the_hub_cache() {
+        let (cache, snap) = fake_cache("lora");
+        let opts = offline(&cache);
+        // A repo without the LoRA file is not a LoRA repo, even when cached.
+        let err = resolve_lora("org/tiny", &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("HF_HUB_OFFLINE") && err.contains("org/tiny"),
+            "{err}"
+        );
+        std::fs::write(snap.join(LORA_WEIGHT_NAME), b"x").unwrap();
+        assert_eq!(
+            resolve_lora("org/tiny", &opts).unwrap(),
+            snap.join(LORA_WEIGHT_NAME)
+        );
+        // Local paths are taken as they are, file or folder.
+        let file = snap.join(LORA_WEIGHT_NAME);
+        let spec = file.display().to_string();
+        assert_eq!(resolve_lora(&spec, &opts).unwrap(), file);
+        let err = resolve_lora("not a/valid repo", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lora") && err.contains("org/name"), "{err}");
+    }
 }

@@ -150,6 +150,46 @@ struct LoraModule {
     scaling: f64,
 }
 
+impl LoraModule {
+    /// `y + factor · scaling-free B(A x)` (`factor` already holds the scaling): `x` `[b, …, in]`,
+    /// `y` `[b, …, out]`; a per-row factor is `[b]`.
+    fn add_to(&self, x: &Tensor, y: Tensor, factor: &Factor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let b = dims[0];
+        // [rows, in] · [in, r] → the rank-r intermediate, scaled per row, · [r, out].
+        let h = x
+            .contiguous()?
+            .reshape((rows, in_dim))?
+            .matmul(&self.down.t()?)?;
+        let r = h.dim(1)?;
+        let h = match factor {
+            Factor::One(f) => (h * *f)?,
+            Factor::PerRow(t) => h
+                .reshape((b, rows / b, r))?
+                .broadcast_mul(&t.reshape((b, 1, 1))?)?
+                .reshape((rows, r))?,
+        };
+        let mut delta = h.matmul(&self.up.t()?)?; // [rows, out]
+        if let Some(bias) = &self.up_bias {
+            let out = delta.dim(1)?;
+            delta = match factor {
+                Factor::One(f) => delta.broadcast_add(&(bias * *f)?)?,
+                Factor::PerRow(t) => delta
+                    .reshape((b, rows / b, out))?
+                    .broadcast_add(
+                        &t.reshape((b, 1, 1))?
+                            .broadcast_mul(&bias.reshape((1, 1, out))?)?,
+                    )?
+                    .reshape((rows, out))?,
+            };
+        }
+        let shape = y.shape().clone();
+        y + delta.reshape(shape)?
+    }
+}
+
 /// A LoRA adapter loaded for one transformer: its modules on the model's device in its dtype.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -534,11 +574,25 @@ impl LoraAdapter {
 enum RowScales {
     /// Every row the same (the common case: one request, or batchmates that agree).
     All(f64),
-    /// Per row (`0` = not applied): the values, and `[rows]` in the model dtype.
-    Rows(Vec<f32>, Tensor),
+    /// Per row (`0` = not applied).
+    Rows(RowSubset),
 }
 
-/// The multiplier of an adapter's update in one call: one number, or `[B, 1, 1]` per row.
+/// The rows an adapter applies to when they differ.
+#[derive(Debug, Clone)]
+struct RowSubset {
+    /// Every row's scale.
+    values: Vec<f32>,
+    /// The rows with a scale ≠ 0, ascending.
+    used: Vec<usize>,
+    /// `used` as `[k]` u32 on the device.
+    index: Tensor,
+    /// Their scales, `[k]` in the model dtype.
+    scales: Tensor,
+}
+
+/// The multiplier of an adapter's update in one call (its scaling included): one number, or
+/// `[B]` per row.
 enum Factor {
     One(f64),
     PerRow(Tensor),
@@ -581,8 +635,15 @@ impl LoraRows {
             let row_scales = if scales.iter().all(|&s| s == first) {
                 RowScales::All(f64::from(first))
             } else {
-                let t = Tensor::from_slice(&scales, scales.len(), device)?.to_dtype(dtype)?;
-                RowScales::Rows(scales, t)
+                let used: Vec<usize> = (0..scales.len()).filter(|&r| scales[r] != 0.0).collect();
+                let index: Vec<u32> = used.iter().map(|&r| r as u32).collect();
+                let kept: Vec<f32> = used.iter().map(|&r| scales[r]).collect();
+                RowScales::Rows(RowSubset {
+                    index: Tensor::from_vec(index, used.len(), device)?,
+                    scales: Tensor::from_vec(kept, used.len(), device)?.to_dtype(dtype)?,
+                    values: scales,
+                    used,
+                })
             };
             active.push((adapter, row_scales));
         }
@@ -592,7 +653,7 @@ impl LoraRows {
     /// Fails unless every per-row scale list has `rows` entries.
     pub(super) fn check_rows(&self, rows: usize) -> Result<()> {
         for (adapter, scales) in &self.active {
-            if let RowScales::Rows(values, _) = scales {
+            if let RowScales::Rows(RowSubset { values, .. }) = scales {
                 if values.len() != rows {
                     return Err(Error::Candle(candle_core::Error::Msg(format!(
                         "LoRA adapter `{}` has {} row scales for {rows} rows",
@@ -638,51 +699,39 @@ impl LoraRows {
             let Some(m) = &adapter.modules[site] else {
                 continue;
             };
-            let dims = x.dims();
-            let in_dim = dims[dims.len() - 1];
-            let rows = x.elem_count() / in_dim;
-            // [rows, in] · [in, r] → the rank-r intermediate, scaled per row.
-            let h = x
-                .contiguous()?
-                .reshape((rows, in_dim))?
-                .matmul(&m.down.t()?)?;
-            let r = h.dim(1)?;
-            // The factor of each row: one number, or `[B, 1, 1]` per row.
-            let factor = match (scales, row) {
-                (RowScales::All(s), _) => Factor::One(s * m.scaling),
-                (RowScales::Rows(values, _), Some(i)) => {
-                    Factor::One(f64::from(values[i]) * m.scaling)
+            let live = x.dim(0)?;
+            y = match (scales, row) {
+                (RowScales::All(s), _) => m.add_to(x, y, &Factor::One(s * m.scaling))?,
+                (RowScales::Rows(rows), Some(i)) => {
+                    let s = f64::from(rows.values[i]);
+                    if s == 0.0 {
+                        continue;
+                    }
+                    m.add_to(x, y, &Factor::One(s * m.scaling))?
                 }
-                // The rows in the forward are a prefix of the generation's (PAG's copies join
-                // later; see `forward_with_caption`).
-                (RowScales::Rows(_, t), None) => Factor::PerRow(
-                    (t.narrow(0, 0, dims[0])?.reshape((dims[0], 1, 1))? * m.scaling)?,
-                ),
+                (RowScales::Rows(rows), None) => {
+                    // The rows in the forward are a prefix of the generation's (PAG's copies join
+                    // later; see `forward_with_caption`).
+                    let k = rows.used.iter().take_while(|&&r| r < live).count();
+                    if k == 0 {
+                        continue;
+                    }
+                    let scales = (rows.scales.narrow(0, 0, k)? * m.scaling)?;
+                    if k == live {
+                        m.add_to(x, y, &Factor::PerRow(scales))?
+                    } else {
+                        // Only the rows that use it: the others' results are not touched at all
+                        // (an overflow in a row without the adapter cannot reach it as 0·∞).
+                        let index = rows.index.narrow(0, 0, k)?;
+                        let xs = x.index_select(&index, 0)?;
+                        let mut dims = y.dims().to_vec();
+                        dims[0] = k;
+                        let zero = Tensor::zeros(dims, y.dtype(), y.device())?;
+                        let delta = m.add_to(&xs, zero, &Factor::PerRow(scales))?;
+                        y.contiguous()?.index_add(&index, &delta, 0)?
+                    }
+                }
             };
-            if matches!(factor, Factor::One(f) if f == 0.0) {
-                continue;
-            }
-            let b = dims[0];
-            let h = match &factor {
-                Factor::One(f) => (h * *f)?,
-                Factor::PerRow(t) => h
-                    .reshape((b, rows / b, r))?
-                    .broadcast_mul(t)?
-                    .reshape((rows, r))?,
-            };
-            let mut delta = h.matmul(&m.up.t()?)?; // [rows, out]
-            if let Some(bias) = &m.up_bias {
-                let out = delta.dim(1)?;
-                delta = match &factor {
-                    Factor::One(f) => delta.broadcast_add(&(bias * *f)?)?,
-                    Factor::PerRow(t) => delta
-                        .reshape((b, rows / b, out))?
-                        .broadcast_add(&t.broadcast_mul(&bias.reshape((1, 1, out))?)?)?
-                        .reshape((rows, out))?,
-                };
-            }
-            let shape = y.shape().clone();
-            y = (y + delta.reshape(shape)?)?;
         }
         Ok(y)
     }

@@ -353,8 +353,7 @@ fn requests_with_unknown_adapters_or_bad_scales_are_refused() {
         let mut r = req.clone();
         f(&mut r);
         pipe.generate(&r, &mut |_| sana_model::pipeline::sampling::Flow::Continue)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string()
     };
     let err = refuse(&|r| {
@@ -382,8 +381,7 @@ fn requests_with_unknown_adapters_or_bad_scales_are_refused() {
     let mut pipe = pipe;
     let err = pipe
         .add_lora("attn", &adapter_path("attn"))
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("unique"), "{err}");
     let _ = LoraAdapter::load; // the type is public for callers that load outside a pipeline
