@@ -11,7 +11,7 @@ import importlib
 import pathlib
 import sys
 
-PARTS = ["transformer", "scheduler", "autoencoder", "text_encoder", "image", "sampling", "pipeline", "nvlabs", "edits", "adapters"]
+PARTS = ["transformer", "scheduler", "autoencoder", "text_encoder", "image", "sampling", "pipeline", "nvlabs", "edits", "adapters", "controlnet"]
 
 
 def main(argv):

@@ -240,6 +240,8 @@ impl Backend for SanaBackend {
                     .collect(),
                 pag_scale: it.pag_scale,
                 pag_adaptive_scale: it.pag_adaptive_scale,
+                control_image: None,
+                controlnet_scale: None,
             })
             .collect();
         req.pag_layers = key

@@ -9,6 +9,7 @@
 //! when an un-tiled decode would exceed a memory budget.
 
 pub mod adapters;
+pub mod control;
 mod decode;
 pub mod edit;
 pub mod sampling;
@@ -22,12 +23,15 @@ use crate::autoencoder::AutoencoderDC;
 use crate::image::{bin_table, classify_height_width_bin};
 use crate::scheduler::{ScheduleOptions, SchedulerConfig};
 use crate::text_encoder::{PromptEmbeds, SanaTextEncoder};
+use crate::transformer::controlnet::{ConditioningScale, SanaControlNetModel};
 use crate::transformer::{LoraAdapter, SanaTransformer2DModel};
 use crate::weights::read_config;
 use crate::{Error, Result};
 pub use adapters::{LoraChoice, PagDefaults};
 use edit::{paste_unmasked, EditStart, InitImage};
-use sampling::{denoise, denoise_sprint, seeded_noise, Flow, PagGuidance, Sampling, StepInfo};
+use sampling::{
+    denoise, denoise_sprint, seeded_noise, Control, Flow, PagGuidance, Sampling, StepInfo,
+};
 
 /// Which diffusers pipeline a folder holds (`model_index.json` `_class_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,11 @@ pub struct ItemRequest {
     pub pag_scale: f32,
     /// PAG's adaptive scale: the scale at timestep `t` is `max(0, pag_scale − this·(1000 − t))`.
     pub pag_adaptive_scale: f32,
+    /// ControlNet: this prompt's control image at the request's size (no mask); every prompt of
+    /// a ControlNet generation has one.
+    pub control_image: Option<InitImage>,
+    /// ControlNet's conditioning scale (diffusers' `controlnet_conditioning_scale`); 1 when `None`.
+    pub controlnet_scale: Option<f32>,
 }
 
 /// A generation: prompts that share a size and a step count.
@@ -171,6 +180,9 @@ pub struct GenerateRequest {
     /// PAG: the transformer blocks whose self-attention the perturbed rows replace by the
     /// identity (see [`SanaPipeline::resolve_pag_layers`]); empty = no PAG.
     pub pag_layers: Vec<usize>,
+    /// The ControlNet (a name from [`SanaPipeline::add_controlnet`]) the items' control images
+    /// drive; may be left out when exactly one is loaded.
+    pub controlnet: Option<String>,
 }
 
 impl GenerateRequest {
@@ -196,6 +208,7 @@ impl GenerateRequest {
             schedule: ScheduleOptions::default(),
             scheduler: None,
             pag_layers: Vec::new(),
+            controlnet: None,
         }
     }
 }
@@ -303,6 +316,7 @@ pub struct SanaPipeline {
     defaults: GenerationDefaults,
     loras: Vec<Arc<LoraAdapter>>,
     pag_defaults: Option<PagDefaults>,
+    controlnets: Vec<(String, Arc<SanaControlNetModel>)>,
 }
 
 impl SanaPipeline {
@@ -312,7 +326,9 @@ impl SanaPipeline {
         let index: serde_json::Value = read_config(&root.join("model_index.json"))?;
         let class = index["_class_name"].as_str();
         let kind = match class {
-            Some("SanaPipeline" | "SanaPAGPipeline") => PipelineKind::Sana,
+            Some("SanaPipeline" | "SanaPAGPipeline" | "SanaControlNetPipeline") => {
+                PipelineKind::Sana
+            }
             Some("SanaSprintPipeline") => PipelineKind::Sprint,
             other => {
                 return Err(Error::Unsupported {
@@ -363,7 +379,7 @@ impl SanaPipeline {
                 })
             })
             .transpose()?;
-        Ok(Self {
+        let mut pipe = Self {
             kind,
             text_encoder,
             transformer,
@@ -375,7 +391,13 @@ impl SanaPipeline {
             defaults,
             loras: Vec::new(),
             pag_defaults,
-        })
+            controlnets: Vec::new(),
+        };
+        // A SanaControlNetPipeline folder's own ControlNet, under the name `controlnet`.
+        if class == Some("SanaControlNetPipeline") {
+            pipe.add_controlnet("controlnet", root)?;
+        }
+        Ok(pipe)
     }
 
     /// Loads an original NVlabs checkpoint: the transformer from `pth` with its training `yaml`
@@ -486,6 +508,7 @@ impl SanaPipeline {
                 }),
                 _ => None,
             },
+            controlnets: Vec::new(),
         })
     }
 
@@ -515,6 +538,7 @@ impl SanaPipeline {
             defaults: GenerationDefaults::for_kind(kind),
             loras: Vec::new(),
             pag_defaults: None,
+            controlnets: Vec::new(),
         }
     }
 
@@ -619,6 +643,7 @@ impl SanaPipeline {
         }
         let begin = self.check_edit(req)?;
         self.check_adapters(req)?;
+        let controlnet = self.check_control(req)?;
         // 1. Size: binning, then the latent grid.
         let (height, width) =
             self.generation_size(req.height, req.width, req.use_resolution_binning);
@@ -726,6 +751,41 @@ impl SanaPipeline {
             Some(begin) => Some((begin, self.edit_latents(req, (width, height), &rows)?)),
             None => None,
         };
+        // ControlNet: the control latents (for CFG's negative rows too), its caption work and
+        // scales, once per generation. It runs on the rows before PAG's perturbed ones, whose
+        // residuals are the positive rows'.
+        let control_inputs = match &controlnet {
+            None => None,
+            Some(model) => {
+                let latents = self.control_latents(req, (width, height), &rows)?;
+                let groups = 1 + usize::from(cfg);
+                let latents = if cfg {
+                    Tensor::cat(&[&latents, &latents], 0)?
+                } else {
+                    latents
+                };
+                let f = images * groups;
+                let caption = model
+                    .prepare_caption_lengths(&text.embeds.narrow(0, 0, f)?, &text.lengths[..f])?;
+                let per_image: Vec<f32> = req
+                    .items
+                    .iter()
+                    .flat_map(|i| {
+                        std::iter::repeat_n(i.controlnet_scale.unwrap_or(1.0), i.num_images)
+                    })
+                    .collect();
+                let scale = if per_image.iter().all(|&s| s == per_image[0]) {
+                    ConditioningScale::All(per_image[0])
+                } else {
+                    ConditioningScale::Rows(Tensor::from_vec(
+                        per_image.repeat(groups),
+                        f,
+                        &self.device,
+                    )?)
+                };
+                Some((model.clone(), caption, latents, scale))
+            }
+        };
         if let (Some(t), Some(m)) = (times.as_deref_mut(), mark.as_mut()) {
             let now = clock(&self.device)?;
             t.image_encode = now - *m;
@@ -738,6 +798,14 @@ impl SanaPipeline {
             schedule: req.schedule.clone(),
             guidance: &guidance,
             cfg,
+            control: control_inputs
+                .as_ref()
+                .map(|(model, caption, latents, scale)| Control {
+                    model,
+                    caption,
+                    latents,
+                    scale: scale.clone(),
+                }),
             pag,
             edit: edit_inputs
                 .as_ref()

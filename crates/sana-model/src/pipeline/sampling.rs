@@ -11,6 +11,7 @@ use rand_distr::Distribution;
 
 use super::edit::{blend, EditStart};
 use crate::scheduler::{SCMScheduler, ScheduleOptions, Scheduler, SchedulerConfig};
+use crate::transformer::controlnet::{ConditioningScale, SanaControlNetModel};
 use crate::transformer::{CaptionContext, SanaTransformer2DModel};
 use crate::{Error, Result};
 
@@ -76,8 +77,23 @@ pub struct Sampling<'a> {
     pub cfg: bool,
     /// Perturbed-attention guidance: the caption context ends with B perturbed rows.
     pub pag: Option<PagGuidance>,
+    /// ControlNet: its residuals are added to the transformer's blocks at every step.
+    pub control: Option<Control<'a>>,
     /// Image-to-image or inpainting: where the loop starts and what it keeps.
     pub edit: Option<EditStart<'a>>,
+}
+
+/// A ControlNet's part of a generation: it runs on the rows before PAG's perturbed ones
+/// (`[negative; positive]` with CFG), which take the positive rows' residuals.
+#[derive(Debug, Clone)]
+pub struct Control<'a> {
+    pub model: &'a SanaControlNetModel,
+    /// Its caption work for those rows.
+    pub caption: &'a CaptionContext,
+    /// The control latents of those rows, f32.
+    pub latents: &'a Tensor,
+    /// The conditioning scale, one or per row.
+    pub scale: ConditioningScale,
 }
 
 /// PAG's scales per image (diffusers' `_get_pag_scale`, per image here).
@@ -188,9 +204,27 @@ pub fn denoise(
         };
         // The DPM scheduler's timesteps are integers; the model sees them × timestep_scale in f32.
         let ts = Tensor::full((t * cfg.timestep_scale) as f32, rows, &device)?;
-        let mut v = model
-            .forward_with_caption(&x_in, &ts, None, caption)?
-            .to_dtype(DType::F32)?;
+        let mut v = match &sampling.control {
+            None => model.forward_with_caption(&x_in, &ts, None, caption)?,
+            Some(control) => {
+                let f = control.latents.dim(0)?;
+                let mut residuals = control.model.residuals(
+                    &x_in.narrow(0, 0, f)?,
+                    &ts.narrow(0, 0, f)?,
+                    control.latents,
+                    control.caption,
+                    &control.scale,
+                )?;
+                if rows > f {
+                    // PAG's perturbed rows: the positive rows' residuals.
+                    for r in residuals.iter_mut() {
+                        *r = Tensor::cat(&[&*r, &r.narrow(0, f - b, rows - f)?], 0)?;
+                    }
+                }
+                model.forward_controlled(&x_in, &ts, None, caption, &residuals)?
+            }
+        }
+        .to_dtype(DType::F32)?;
         // [negative; positive; perturbed] → v_u + g·(v_c − v_u) + pag_t·(v_c − v_p), in that order.
         let v_text = v.narrow(0, usize::from(sampling.cfg) * b, b)?;
         let mut guided = if sampling.cfg {

@@ -15,6 +15,7 @@
 
 mod blocks;
 mod config;
+pub mod controlnet;
 mod embeddings;
 pub mod lora;
 
@@ -121,8 +122,9 @@ pub struct SanaTransformer2DModel {
     /// `None` for NVlabs models trained without it (`y_norm: false`).
     caption_norm: Option<RmsNorm>,
     blocks: Vec<SanaTransformerBlock>,
-    scale_shift_table: Tensor, // [2, D]
-    proj_out: Linear,
+    /// The output layer: `scale_shift_table` `[2, D]` and `proj_out`; `None` in a ControlNet,
+    /// which has none.
+    head: Option<(Tensor, Linear)>,
     dtype: DType,
     /// Position embeddings (2K/4K models) on the device by token grid `(h, w)`, computed on the
     /// host once per grid size rather than in every forward (up to 147 MB at 4K); the last few
@@ -139,6 +141,11 @@ const POS_EMBED_CACHE: usize = 2;
 impl SanaTransformer2DModel {
     /// Builds the model from a `VarBuilder` whose keys are the diffusers names.
     pub fn new(cfg: &SanaTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, vb, true)
+    }
+
+    /// The model, with its output layer when `head` (a ControlNet's copy has none).
+    fn build(cfg: &SanaTransformerConfig, vb: VarBuilder, head: bool) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.inner_dim();
         let p = cfg.patch_size;
@@ -163,8 +170,14 @@ impl SanaTransformer2DModel {
                 .then(|| RmsNorm::new(d, 1e-5, vb.pp("caption_norm")))
                 .transpose()?,
             blocks,
-            scale_shift_table: vb.get((2, d), "scale_shift_table")?,
-            proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
+            head: if head {
+                Some((
+                    vb.get((2, d), "scale_shift_table")?,
+                    linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
+                ))
+            } else {
+                None
+            },
             dtype: vb.dtype(),
             cfg: cfg.clone(),
             pos_embed: Arc::default(),
@@ -405,26 +418,21 @@ impl SanaTransformer2DModel {
         Ok(pe)
     }
 
-    /// A forward pass with the caption work already done → velocity `[B, out_channels, H, W]`.
-    ///
-    /// `hidden_states` `[B, C, H, W]`, `timestep` `[B]` (× `timestep_scale` already), `guidance`
-    /// `[B]` for guidance-embedding models; `caption` from [`Self::prepare_caption`] for the same B.
-    pub fn forward_with_caption(
+    /// Steps 1–2 of a forward: latents `[B, C, H, W]` (B = `rows`) → tokens `[B, N, D]` with the
+    /// position embedding of 2K/4K models (added in f32, cast back), and the token grid.
+    fn embed_patches(
         &self,
-        hidden_states: &Tensor,
-        timestep: &Tensor,
-        guidance: Option<&Tensor>,
-        caption: &CaptionContext,
-    ) -> Result<Tensor> {
-        let _span = tracing::trace_span!("sana_transformer").entered();
-        let x = hidden_states.to_dtype(self.dtype)?;
+        latents: &Tensor,
+        rows: usize,
+        lora: &LoraRows,
+    ) -> Result<(Tensor, (usize, usize))> {
+        let x = latents.to_dtype(self.dtype)?;
         let (b, c, hh, ww) = x.dims4()?;
         let p = self.cfg.patch_size;
-        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 || b != caption.tokens.len() {
+        if c != self.cfg.in_channels || hh % p != 0 || ww % p != 0 || b != rows {
             return Err(Error::Candle(candle_core::Error::Msg(format!(
-                "latents {:?} do not fit the model: want [{}, {}, H, W] with H and W multiples of {p}",
+                "latents {:?} do not fit the model: want [{rows}, {}, H, W] with H and W multiples of {p}",
                 x.dims(),
-                caption.tokens.len(),
                 self.cfg.in_channels
             ))));
         }
@@ -435,7 +443,6 @@ impl SanaTransformer2DModel {
             .reshape((b, c, h, p, w, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, n, c * p * p))?;
-        let lora = &caption.lora;
         let mut hs = lora.apply(
             site::PATCH_EMBED,
             &patches,
@@ -451,6 +458,51 @@ impl SanaTransformer2DModel {
                 .broadcast_add(&pe)?
                 .to_dtype(self.dtype)?;
         }
+        Ok((hs, (h, w)))
+    }
+
+    /// A forward pass with the caption work already done → velocity `[B, out_channels, H, W]`.
+    ///
+    /// `hidden_states` `[B, C, H, W]`, `timestep` `[B]` (× `timestep_scale` already), `guidance`
+    /// `[B]` for guidance-embedding models; `caption` from [`Self::prepare_caption`] for the same B.
+    pub fn forward_with_caption(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        caption: &CaptionContext,
+    ) -> Result<Tensor> {
+        self.forward_controlled(hidden_states, timestep, guidance, caption, &[])
+    }
+
+    /// [`Self::forward_with_caption`] with a ControlNet's block residuals
+    /// ([`controlnet::SanaControlNetModel::residuals`]): residual `i` is added to the output of
+    /// block `i + 1`, as diffusers' `controlnet_block_samples` are.
+    pub fn forward_controlled(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        caption: &CaptionContext,
+        residuals: &[Tensor],
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("sana_transformer").entered();
+        let Some((scale_shift_table, proj_out)) = &self.head else {
+            return Err(Error::Candle(candle_core::Error::Msg(
+                "a ControlNet's transformer copy has no output layer".into(),
+            )));
+        };
+        if residuals.len() >= self.blocks.len() {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "{} ControlNet residuals for a transformer of {} blocks",
+                residuals.len(),
+                self.blocks.len()
+            ))));
+        }
+        let lora = &caption.lora;
+        let (mut hs, (h, w)) = self.embed_patches(hidden_states, caption.tokens.len(), lora)?;
+        let (b, hh, ww) = (hs.dim(0)?, h * self.cfg.patch_size, w * self.cfg.patch_size);
+        let p = self.cfg.patch_size;
         // 3. Timestep (and guidance) embedding.
         let (t6, embedded) = self
             .time_embed
@@ -485,10 +537,14 @@ impl SanaTransformer2DModel {
                     .map(|p| p.first_row),
             };
             hs = block.forward(&hs, items, &t6, (h, w), &ctx)?;
+            if i >= 1 {
+                if let Some(r) = residuals.get(i - 1) {
+                    hs = (hs + r.narrow(0, 0, live)?.to_dtype(self.dtype)?)?;
+                }
+            }
         }
         // 5. Final layer: shift first, then scale, from the un-projected timestep embedding.
-        let m = self
-            .scale_shift_table
+        let m = scale_shift_table
             .unsqueeze(0)?
             .broadcast_add(&embedded.unsqueeze(1)?)?; // [B, 2, D]
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
@@ -496,7 +552,7 @@ impl SanaTransformer2DModel {
             .broadcast_mul(&(scale + 1.0)?)?
             .broadcast_add(&shift)?;
         // 6. Project and unpatchify: [B, N, p·p·C] → [B, h, w, p, p, C] → [B, C, h, p, w, p].
-        let out = lora.apply(site::PROJ_OUT, &hs, self.proj_out.forward(&hs)?)?;
+        let out = lora.apply(site::PROJ_OUT, &hs, proj_out.forward(&hs)?)?;
         let co = self.cfg.out_channels();
         Ok(out
             .reshape((b, h, w, p, p, co))?

@@ -7,6 +7,7 @@ mod common;
 
 mod adapters;
 mod autoencoder;
+mod controlnet;
 mod edits;
 mod image;
 mod nvlabs;

@@ -35,9 +35,10 @@ pub(crate) fn assemble_with(name: &str, index: &std::path::Path) -> PathBuf {
     );
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
+    // `sana` and `sprint` have their own parts; other names (pag, controlnet) reuse `sana`'s.
     let own = root
         .join("pipeline")
-        .join(if name == "pag" { "sana" } else { name });
+        .join(if name == "sprint" { "sprint" } else { "sana" });
     let links: [(PathBuf, &str); 6] = [
         (index.to_path_buf(), "model_index.json"),
         (own.join("transformer"), "transformer"),

@@ -70,6 +70,7 @@ fn run(c: &Case, items: std::ops::Range<usize>, stop_after: Option<usize>) -> Op
         guidance: &guidance,
         cfg,
         pag: None,
+        control: None,
         edit: None,
     };
     let mut noise = |step: usize| Ok(c.io[&format!("noise_{step}")].i(items.clone())?);
