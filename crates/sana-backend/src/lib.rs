@@ -130,6 +130,9 @@ pub struct ModelInfo {
     /// `pag_applied_layers`); empty means block 0.
     #[serde(default)]
     pub default_pag_layers: Vec<u32>,
+    /// ControlNets loaded at start-up, by name; [`BatchKey::controlnet`] indexes this list.
+    #[serde(default)]
+    pub controlnets: Vec<String>,
 }
 
 /// A loaded LoRA adapter as the API lists it.
@@ -239,6 +242,9 @@ pub struct BatchKey {
     /// Perturbed-attention guidance on these blocks (every item has a PAG scale > 0): each image
     /// takes one more row, whose self-attention in these blocks is the identity.
     pub pag_layers: Option<LayerSet>,
+    /// The ControlNet every item's [`BatchItem::control`] drives, as an index into
+    /// [`ModelInfo::controlnets`]; `Some` exactly when the items have control images.
+    pub controlnet: Option<u16>,
 }
 
 impl BatchKey {
@@ -294,6 +300,17 @@ pub struct BatchItem {
     pub pag_scale: f32,
     /// PAG's adaptive scale: at timestep `t` the scale is `max(0, pag_scale − this·(1000 − t))`.
     pub pag_adaptive_scale: f32,
+    /// ControlNet: this item's control image (at the key's size) and conditioning scale.
+    pub control: Option<ControlInput>,
+}
+
+/// A control image and its conditioning scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlInput {
+    /// The control image, `width × height` of the batch (e.g. white HED edges on black).
+    pub image: Image,
+    /// diffusers' `controlnet_conditioning_scale` (finite).
+    pub scale: f32,
 }
 
 /// What an edit starts from: the image and, for inpainting, the area to repaint.
@@ -511,6 +528,7 @@ mod tests {
             cfg,
             strength_permille: None,
             pag_layers: None,
+            controlnet: None,
         }
     }
 
@@ -580,6 +598,7 @@ mod tests {
             lora: Vec::new(),
             pag_scale: 0.0,
             pag_adaptive_scale: 0.0,
+            control: None,
         };
         assert_eq!(item.image_seed(0), u64::MAX);
         assert_eq!(item.image_seed(1), 0, "seed derivation wraps");
@@ -599,6 +618,7 @@ mod tests {
             lora: Vec::new(),
             pag_scale: 0.0,
             pag_adaptive_scale: 0.0,
+            control: None,
         };
         let batch = Batch {
             key: key(512, 512, true),

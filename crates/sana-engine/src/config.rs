@@ -102,6 +102,7 @@ impl BatchLimits {
             cfg: true,
             strength_permille: None,
             pag_layers: None,
+            controlnet: None,
         }
         .latent_tokens_per_image();
         let max_latent_tokens = match config.max_batch_latent_tokens {

@@ -36,7 +36,8 @@ pub use engine::{Engine, Health, ShutdownReport};
 pub use error::{EngineError, StartError, ValidationError};
 pub use stream::{Event, Generation, GenerationStream, Timings};
 pub use validation::{
-    EditRequest, GenerateRequest, ValidRequest, MAX_GUIDANCE_SCALE, MAX_LORA_SCALE, MAX_PAG_SCALE,
+    EditRequest, GenerateRequest, ValidRequest, MAX_CONDITIONING_SCALE, MAX_GUIDANCE_SCALE,
+    MAX_LORA_SCALE, MAX_PAG_SCALE,
 };
 pub use worker::{WorkerHealth, WorkerState};
 

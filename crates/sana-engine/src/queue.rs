@@ -328,6 +328,7 @@ mod tests {
             cfg: false,
             strength_permille: None,
             pag_layers: None,
+            controlnet: None,
         }
     }
 

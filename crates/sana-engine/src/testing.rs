@@ -212,6 +212,7 @@ impl FakeBackend {
             pag_supported: true,
             default_pag_scale: 0.0,
             default_pag_layers: vec![0],
+            controlnets: Vec::new(),
         }
     }
 

@@ -5,8 +5,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sana_backend::{
-    cfg_enabled, edit_first_step, resolve_pag_layers, BatchItem, BatchKey, Edit, Image, LoraChoice,
-    ModelInfo, Sampler,
+    cfg_enabled, edit_first_step, resolve_pag_layers, BatchItem, BatchKey, ControlInput, Edit,
+    Image, LoraChoice, ModelInfo, Sampler,
 };
 
 use crate::config::{BatchLimits, EngineConfig};
@@ -49,7 +49,17 @@ pub struct GenerateRequest {
     /// PAG's blocks as diffusers' `pag_applied_layers` takes them (indices or names, see
     /// [`resolve_pag_layers`]); [`ModelInfo::default_pag_layers`] when `None`.
     pub pag_applied_layers: Option<Vec<String>>,
+    /// ControlNet: the control image, at the output size; needs a ControlNet loaded.
+    pub control_image: Option<Image>,
+    /// The ControlNet by name ([`ModelInfo::controlnets`]); may be left out when one is loaded.
+    pub controlnet: Option<String>,
+    /// Its conditioning scale, finite, at most [`MAX_CONDITIONING_SCALE`] in magnitude; 1 when
+    /// `None`.
+    pub controlnet_conditioning_scale: Option<f32>,
 }
+
+/// The largest ControlNet conditioning scale a request may give (in magnitude).
+pub const MAX_CONDITIONING_SCALE: f32 = 100.0;
 
 /// The largest LoRA scale a request may give (in magnitude).
 pub const MAX_LORA_SCALE: f32 = 100.0;
@@ -88,6 +98,9 @@ impl GenerateRequest {
             pag_scale: None,
             pag_adaptive_scale: None,
             pag_applied_layers: None,
+            control_image: None,
+            controlnet: None,
+            controlnet_conditioning_scale: None,
         }
     }
 }
@@ -103,7 +116,7 @@ pub struct ValidRequest {
 
 /// Checks `req` against the model and the engine limits and fills in defaults.
 pub fn validate(
-    req: GenerateRequest,
+    mut req: GenerateRequest,
     info: &ModelInfo,
     config: &EngineConfig,
     limits: &BatchLimits,
@@ -179,6 +192,7 @@ pub fn validate(
     }
     check_lora(&req.lora, info)?;
     let (pag_scale, pag_adaptive_scale, pag_layers) = check_pag(&req, info)?;
+    let (controlnet, control) = check_control(&mut req, info, width, height)?;
     let (strength_permille, edit) = match req.edit {
         None => (None, None),
         Some(edit) => {
@@ -201,6 +215,7 @@ pub fn validate(
         cfg: cfg_enabled(guidance_scale),
         strength_permille,
         pag_layers,
+        controlnet,
     };
     let tokens = key.latent_tokens_per_image() * req.n as usize;
     if tokens > limits.max_latent_tokens {
@@ -233,8 +248,83 @@ pub fn validate(
             lora: req.lora,
             pag_scale,
             pag_adaptive_scale,
+            control,
         },
     })
+}
+
+/// The ControlNet (its index) and the item's control input, `None` without a control image.
+fn check_control(
+    req: &mut GenerateRequest,
+    info: &ModelInfo,
+    width: u32,
+    height: u32,
+) -> Result<(Option<u16>, Option<ControlInput>), ValidationError> {
+    let Some(image) = req.control_image.take() else {
+        if let Some(name) = &req.controlnet {
+            return Err(ValidationError::new(
+                "control_image",
+                format!("`controlnet` `{name}` needs a `control_image`"),
+            ));
+        }
+        if req.controlnet_conditioning_scale.is_some() {
+            return Err(ValidationError::new(
+                "controlnet_conditioning_scale",
+                "`controlnet_conditioning_scale` needs a `control_image`",
+            ));
+        }
+        return Ok((None, None));
+    };
+    if info.controlnets.is_empty() {
+        return Err(ValidationError::new(
+            "control_image",
+            "this server loaded no ControlNet (start it with `--controlnet NAME=PATH`), so a \
+             `control_image` cannot be used",
+        ));
+    }
+    let known = info.controlnets.join(", ");
+    let index = match &req.controlnet {
+        Some(name) => info
+            .controlnets
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| {
+                ValidationError::new(
+                    "controlnet",
+                    format!("unknown ControlNet `{name}`; loaded: {known}"),
+                )
+            })?,
+        None if info.controlnets.len() == 1 => 0,
+        None => {
+            return Err(ValidationError::new(
+                "controlnet",
+                format!("several ControlNets are loaded; name one in `controlnet`: {known}"),
+            ))
+        }
+    };
+    let scale = req.controlnet_conditioning_scale.unwrap_or(1.0);
+    if !(scale.is_finite() && scale.abs() <= MAX_CONDITIONING_SCALE) {
+        return Err(ValidationError::new(
+            "controlnet_conditioning_scale",
+            format!(
+                "`controlnet_conditioning_scale` must be a finite number in \
+                 [-{MAX_CONDITIONING_SCALE}, {MAX_CONDITIONING_SCALE}], got {scale}"
+            ),
+        ));
+    }
+    if (image.width, image.height) != (width, height) {
+        return Err(ValidationError::new(
+            "control_image",
+            format!(
+                "the control image is {}x{} but the output is {width}x{height}; resize it first",
+                image.width, image.height
+            ),
+        ));
+    }
+    let index = u16::try_from(index).map_err(|_| {
+        ValidationError::new("controlnet", "more ControlNets than this server can index")
+    })?;
+    Ok((Some(index), Some(ControlInput { image, scale })))
 }
 
 /// Each adapter known, named once, with a finite scale of at most [`MAX_LORA_SCALE`].

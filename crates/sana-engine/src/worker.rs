@@ -340,6 +340,7 @@ pub(crate) fn warmup_batch(info: &ModelInfo, limits: &BatchLimits, steps: u32) -
         cfg: cfg_enabled(info.default_guidance_scale),
         strength_permille: None,
         pag_layers: None,
+        controlnet: None,
     };
     let by_tokens = limits.max_latent_tokens / key.latent_tokens_per_image().max(1);
     let n = limits.max_images.min(by_tokens).max(1);

@@ -77,6 +77,7 @@ impl SanaBackend {
             transformer_layers: pipe.transformer().config().num_layers as u32,
             pag_supported: pipe.kind() == PipelineKind::Sana,
             default_pag_scale: pipe.pag_defaults().map_or(0.0, |d| d.scale),
+            controlnets: pipe.controlnets().iter().map(|(n, _)| n.clone()).collect(),
             default_pag_layers: pipe
                 .default_pag_layers()
                 .into_iter()
@@ -240,10 +241,28 @@ impl Backend for SanaBackend {
                     .collect(),
                 pag_scale: it.pag_scale,
                 pag_adaptive_scale: it.pag_adaptive_scale,
-                control_image: None,
-                controlnet_scale: None,
+                control_image: it.control.as_ref().map(|c| InitImage {
+                    width: c.image.width as usize,
+                    height: c.image.height as usize,
+                    rgb8: c.image.rgb8.clone(),
+                    mask: None,
+                    preserve_unmasked: false,
+                }),
+                controlnet_scale: it.control.as_ref().map(|c| c.scale),
             })
             .collect();
+        req.controlnet = match key.controlnet {
+            None => None,
+            Some(i) => Some(
+                self.pipe
+                    .controlnets()
+                    .get(usize::from(i))
+                    .map(|(name, _)| name.clone())
+                    .ok_or_else(|| {
+                        BackendError::InvalidInput(format!("no ControlNet number {i} is loaded"))
+                    })?,
+            ),
+        };
         req.pag_layers = key
             .pag_layers
             .map(|set| set.indices().map(|i| i as usize).collect())

@@ -79,6 +79,19 @@ pub struct ServeArgs {
     )]
     pub lora: Vec<String>,
 
+    /// A ControlNet to load at start-up, `NAME=PATH`: a diffusers `SanaControlNetModel` folder (or
+    /// a `SanaControlNetPipeline` folder holding one in `controlnet/`), or a Hub repo id. Repeat
+    /// (or separate with `,` in `SANA_CONTROLNET`) for several. Requests send a `control_image`
+    /// and choose one by name (`controlnet`; optional when one is loaded). Read by the binary that
+    /// builds the backend.
+    #[arg(
+        long = "controlnet",
+        env = "SANA_CONTROLNET",
+        value_delimiter = ',',
+        value_name = "NAME=PATH"
+    )]
+    pub controlnet: Vec<String>,
+
     /// Steps of requests that leave `num_inference_steps` out. Unset: the model's (20; 2 for
     /// SANA-Sprint).
     #[arg(long, env = "SANA_DEFAULT_STEPS")]

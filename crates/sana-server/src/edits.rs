@@ -258,7 +258,7 @@ fn form_error(err: MultipartError, limit: usize) -> ApiError {
 
 /// Decodes an upload (PNG, JPEG or WebP), refusing more than [`MAX_INPUT_PIXELS`] before the
 /// pixels are allocated.
-fn decode(param: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+pub(crate) fn decode(param: &str, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|err| {
@@ -443,6 +443,9 @@ pub async fn edits(
         pag_scale: req.pag_scale,
         pag_adaptive_scale: req.pag_adaptive_scale,
         pag_applied_layers: req.pag_applied_layers,
+        control_image: None,
+        controlnet: None,
+        controlnet_conditioning_scale: None,
     };
     let mut plan = plan(generation, &state)?;
     plan.events = "image_edit";

@@ -142,6 +142,15 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
     if let Some(user) = &req.user {
         tracing::info!(user = %user, "end-user id");
     }
+    let (out_w, out_h) = (
+        width.unwrap_or(info.default_width),
+        height.unwrap_or(info.default_height),
+    );
+    let control_image = req
+        .control_image
+        .as_deref()
+        .map(|text| control_image(text, out_w, out_h))
+        .transpose()?;
     Ok(Plan {
         events: "image_generation",
         size_text: req.size.clone(),
@@ -171,6 +180,9 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
             pag_scale: req.pag_scale,
             pag_adaptive_scale: req.pag_adaptive_scale,
             pag_applied_layers: req.pag_applied_layers.as_ref().map(PagLayers::specs),
+            control_image,
+            controlnet: req.controlnet,
+            controlnet_conditioning_scale: req.controlnet_conditioning_scale,
         },
         quality,
         response_format,
@@ -179,6 +191,46 @@ pub(crate) fn plan(req: CreateImageRequest, state: &AppState) -> Result<Plan, Ap
         stream,
         progress,
     })
+}
+
+/// A `control_image` (base64, plain or a `data:` URL) decoded and resized to the output size
+/// (Lanczos, as diffusers' image processor resizes it).
+fn control_image(text: &str, width: u32, height: u32) -> Result<Image, ApiError> {
+    const PARAM: &str = "control_image";
+    let text = text.trim();
+    let payload = match text.strip_prefix("data:") {
+        Some(rest) => rest
+            .split_once(";base64,")
+            .map(|(_, data)| data)
+            .ok_or_else(|| {
+                ApiError::invalid_value(
+                    PARAM,
+                    "a `data:` URL in `control_image` must be base64 (`data:image/png;base64,…`)",
+                )
+            })?,
+        None => text,
+    };
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let bytes = BASE64.decode(compact.as_bytes()).map_err(|e| {
+        ApiError::invalid_value(
+            PARAM,
+            format!("`control_image` is not base64 (of a PNG, JPEG or WebP): {e}"),
+        )
+    })?;
+    if width == 0 || height == 0 {
+        return Err(ApiError::invalid_value(PARAM, "the output size is empty"));
+    }
+    let rgb = crate::edits::decode(PARAM, &bytes)?.to_rgb8();
+    let rgb = if rgb.dimensions() == (width, height) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, width, height, image::imageops::FilterType::Lanczos3)
+    };
+    Image::new(width, height, rgb.into_raw())
+        .map_err(|e| ApiError::internal(format!("control image: {e}")))
 }
 
 /// `1024x768` → `(1024, 768)`; `None` unless two decimal numbers joined by `x`.

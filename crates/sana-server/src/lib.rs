@@ -52,10 +52,18 @@ pub use state::AppState;
 /// The router of the whole API over `state`.
 pub fn app(state: AppState) -> Router {
     let config = state.config().clone();
-    let generations = post(images::generations).route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::rate_limit,
-    ));
+    // With a ControlNet loaded, a generation may carry a control image: the upload limit.
+    let generation_limit = if state.engine().info().controlnets.is_empty() {
+        config.max_body_bytes
+    } else {
+        config.max_upload_bytes
+    };
+    let generations = post(images::generations)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::rate_limit,
+        ))
+        .layer(DefaultBodyLimit::max(generation_limit));
     let edits = post(edits::edits)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

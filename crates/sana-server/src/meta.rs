@@ -33,6 +33,7 @@ fn model(state: &AppState) -> Model {
                 ranks: l.ranks.clone(),
             })
             .collect(),
+        controlnets: state.engine().info().controlnets.clone(),
     }
 }
 
@@ -203,6 +204,7 @@ pub async fn openapi(State(state): State<AppState>) -> Json<serde_json::Value> {
         loras: model.loras.iter().map(|l| l.name.clone()).collect(),
         transformer_layers: model.transformer_layers,
         pag_supported: model.pag_supported,
+        controlnets: model.controlnets.clone(),
     }))
 }
 

@@ -199,6 +199,8 @@ pub struct ServedLimits {
     pub transformer_layers: u32,
     /// Whether PAG is available.
     pub pag_supported: bool,
+    /// The ControlNets' names.
+    pub controlnets: Vec<String>,
 }
 
 /// The document `GET /openapi.json` serves: the committed one narrowed to this server, so that a
@@ -263,6 +265,27 @@ pub fn served(limits: &ServedLimits) -> Value {
         });
         if !limits.pag_supported {
             properties["pag_scale"]["maximum"] = json!(0);
+        }
+        // ControlNet fields exist for generations only. Without a ControlNet they must be left
+        // out (or null); with some, `controlnet` names one of them.
+        if name == "CreateImageRequest" {
+            if limits.controlnets.is_empty() {
+                for field in [
+                    "control_image",
+                    "controlnet",
+                    "controlnet_conditioning_scale",
+                ] {
+                    let description = properties[field]["description"].clone();
+                    properties[field] = json!({"type": "null", "description": description});
+                }
+            } else {
+                let description = properties["controlnet"]["description"].clone();
+                properties["controlnet"] = json!({
+                    "type": ["string", "null"],
+                    "enum": limits.controlnets.iter().map(|n| json!(n)).chain([json!(null)]).collect::<Vec<_>>(),
+                    "description": description
+                });
+            }
         }
         if schema.get("example").is_some() {
             schema["example"]["size"] = json!(limits.default_size);

@@ -109,6 +109,20 @@ pub struct CreateImageRequest {
     /// 10–19, as in diffusers; use the index `1` for block 1 alone), or a list of these.
     #[serde(default)]
     pub pag_applied_layers: Option<PagLayers>,
+    /// Extension: a ControlNet's control image (the released HED ControlNets take white edges
+    /// on black), base64 PNG, JPEG or WebP, plain or as a `data:` URL; resized to the output size.
+    /// Needs a ControlNet loaded (`sana serve --controlnet NAME=PATH`).
+    #[serde(default)]
+    pub control_image: Option<String>,
+    /// Extension: the ControlNet to use, by name (`GET /v1/models`: `data[].controlnets`); may be
+    /// left out when the server loaded one.
+    #[serde(default)]
+    pub controlnet: Option<String>,
+    /// Extension: how strongly the control image steers, −100 to 100 (default 1; diffusers'
+    /// `controlnet_conditioning_scale`). Needs `control_image`.
+    #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
+    pub controlnet_conditioning_scale: Option<f32>,
 }
 
 /// One LoRA adapter of a request.
@@ -129,7 +143,7 @@ fn one() -> f32 {
 }
 
 /// PAG blocks: one entry or a list (see `pag_applied_layers`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum PagLayers {
     /// One block index or name.
@@ -139,13 +153,50 @@ pub enum PagLayers {
 }
 
 /// A block index (`8`) or a name (`transformer_blocks.8`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum PagLayer {
     /// A block index, `0..` the model's block count.
     Index(u32),
     /// A name or regular expression matched against `transformer_blocks.<i>.attn1`.
     Name(String),
+}
+
+impl PagLayer {
+    /// An index (a whole number, `3` or `3.0`) or a name.
+    fn from_json(value: &serde_json::Value) -> Result<Self, String> {
+        match value {
+            serde_json::Value::String(name) => Ok(Self::Name(name.clone())),
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+                        .map(|f| f as u64)
+                })
+                .and_then(|v| u32::try_from(v).ok())
+                .map(Self::Index)
+                .ok_or_else(|| format!("{n} is not a block index (a whole number ≥ 0)")),
+            other => Err(format!(
+                "expected a block index or name, or a list of them, got {other}"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PagLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        match &value {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(PagLayer::from_json)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Many),
+            one => PagLayer::from_json(one).map(Self::One),
+        }
+        .map_err(serde::de::Error::custom)
+    }
 }
 
 impl PagLayers {
@@ -415,6 +466,8 @@ pub struct Model {
     pub owned_by: String,
     /// Extension: the LoRA adapters a request may choose (`lora`), empty when none is loaded.
     pub lora_adapters: Vec<LoraAdapter>,
+    /// Extension: the ControlNets a request may choose (`controlnet`), empty when none is loaded.
+    pub controlnets: Vec<String>,
 }
 
 /// A loaded LoRA adapter.

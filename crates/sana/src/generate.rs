@@ -101,6 +101,17 @@ pub struct GenerateArgs {
     /// PAG's adaptive scale: the scale at timestep t is max(0, pag_scale − this·(1000 − t)).
     #[arg(long, default_value_t = 0.0)]
     pag_adaptive_scale: f32,
+    /// A ControlNet: a diffusers SanaControlNetModel folder (or a SanaControlNetPipeline folder
+    /// holding one in controlnet/), or a Hub repo id. A SanaControlNetPipeline --model brings its own.
+    #[arg(long)]
+    controlnet: Option<String>,
+    /// The control image (PNG, JPEG or WebP; the released HED ControlNets take white edges on
+    /// black), resized to the output size.
+    #[arg(long)]
+    control_image: Option<PathBuf>,
+    /// ControlNet's conditioning scale (diffusers' controlnet_conditioning_scale).
+    #[arg(long, default_value_t = 1.0)]
+    controlnet_scale: f32,
 }
 
 /// `PATH[:SCALE]` → (path, scale): the part after the last `:` is the scale when it is a number.
@@ -291,6 +302,28 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
             .with_context(|| format!("--lora {arg}"))?;
         lora.push(LoraChoice { name, scale });
     }
+    if let Some(spec) = &args.controlnet {
+        let source = sana_model::source::ModelSource::parse(spec)
+            .with_context(|| format!("--controlnet {spec}"))?;
+        let dir = sana_model::source::resolve_component(&source, &hub)
+            .with_context(|| format!("--controlnet {spec}"))?;
+        pipe.add_controlnet("controlnet-arg", &dir)
+            .with_context(|| format!("--controlnet {spec}"))?;
+    }
+    if args.controlnet.is_some() && args.control_image.is_none() {
+        bail!("--controlnet needs --control-image");
+    }
+    let controlnet = match (&args.control_image, &args.controlnet) {
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("controlnet-arg".to_string()),
+        (Some(path), None) => match pipe.controlnets() {
+            [(name, _)] => Some(name.clone()),
+            _ => bail!(
+                "--control-image {}: give the ControlNet with --controlnet (this --model has none)",
+                path.display()
+            ),
+        },
+    };
     let pag_scale = args
         .pag_scale
         .unwrap_or_else(|| pipe.pag_defaults().map_or(0.0, |d| d.scale));
@@ -344,6 +377,27 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
             })
         }
     };
+    let control_image = match &args.control_image {
+        None => None,
+        Some(path) => {
+            let img = image::open(path)
+                .with_context(|| format!("--control-image {}", path.display()))?
+                .to_rgb8();
+            let (w, h) = (width as u32, height as u32);
+            let img = if img.dimensions() == (w, h) {
+                img
+            } else {
+                image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+            };
+            Some(InitImage {
+                width,
+                height,
+                rgb8: img.into_raw(),
+                mask: None,
+                preserve_unmasked: false,
+            })
+        }
+    };
     let items = args
         .prompt
         .iter()
@@ -366,6 +420,8 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
             lora: lora.clone(),
             pag_scale,
             pag_adaptive_scale: args.pag_adaptive_scale,
+            control_image: control_image.clone(),
+            controlnet_scale: Some(args.controlnet_scale),
         })
         .collect();
     let latents = match &args.latents {
@@ -395,6 +451,7 @@ fn generate(args: GenerateArgs, edit: Option<Edit>) -> Result<()> {
         schedule: Default::default(),
         scheduler: None,
         pag_layers,
+        controlnet,
     };
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(steps as u64);

@@ -31,6 +31,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("--lora {arg}"))?;
         loras.push((name, path));
     }
+    let mut controlnets: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for arg in &args.controlnet {
+        let (name, spec) = parse_named_lora(arg)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--lora", "--controlnet")))?;
+        if controlnets.iter().any(|(n, _)| *n == name) {
+            bail!("--controlnet {arg}: the name `{name}` is given twice");
+        }
+        let source = sana_model::source::ModelSource::parse(&spec)
+            .with_context(|| format!("--controlnet {arg}"))?;
+        let dir = sana_model::source::resolve_component(&source, &hub)
+            .with_context(|| format!("--controlnet {arg}"))?;
+        controlnets.push((name, dir));
+    }
     let (dtype, variant) = (args.dtype.clone(), args.variant.clone());
     let (default_steps, default_guidance) = (args.default_steps, args.default_guidance_scale);
     let config = ServerConfig::try_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -50,6 +63,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             defaults.guidance_scale = g;
         }
         pipe.set_defaults(defaults);
+        for (name, path) in &controlnets {
+            pipe.add_controlnet(name, path)
+                .with_context(|| format!("--controlnet {name}={}", path.display()))
+                .map_err(internal)?;
+        }
         for (name, path) in &loras {
             pipe.add_lora(name, path)
                 .with_context(|| format!("--lora {name}={}", path.display()))

@@ -253,6 +253,7 @@ fn backend_batch(steps: u32, sampler: Sampler) -> Batch {
             cfg: true,
             strength_permille: None,
             pag_layers: None,
+            controlnet: None,
         },
         items: vec![
             BatchItem {

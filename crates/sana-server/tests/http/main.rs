@@ -8,6 +8,7 @@ mod adapters;
 mod auth;
 mod cancel;
 mod common;
+mod controlnet;
 mod edits;
 mod errors;
 mod faults;

@@ -52,6 +52,7 @@ fn key(width: u32, height: u32, steps: u32) -> BatchKey {
         cfg: true,
         strength_permille: None,
         pag_layers: None,
+        controlnet: None,
     }
 }
 
