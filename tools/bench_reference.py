@@ -364,6 +364,39 @@ def model_setup(args: argparse.Namespace):
     return run
 
 
+def controlnet_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="a SanaTransformer2DModel config.json")
+    parser.add_argument("--controlnet-config", required=True, help="a SanaControlNetModel config.json")
+    parser.add_argument("--latent", nargs=2, type=int, required=True, metavar=("H", "W"), help="latent grid size")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--text-len", type=int, default=300)
+
+
+def controlnet_setup(args: argparse.Namespace):
+    """One denoising step of SanaControlNetPipeline's loop: the ControlNet, then the transformer with its residuals
+    (as the pipeline calls them; the control latents are made before the loop)."""
+    from diffusers import SanaControlNetModel, SanaTransformer2DModel
+
+    with open(args.config) as f:
+        model = SanaTransformer2DModel.from_config(json.load(f)).eval()
+    with open(args.controlnet_config) as f:
+        controlnet = SanaControlNetModel.from_config(json.load(f)).eval()
+    cfg = model.config
+    height, width = args.latent
+    x = torch.randn(args.batch, cfg.in_channels, height, width)
+    text = dict(encoder_hidden_states=torch.randn(args.batch, args.text_len, cfg.caption_channels),
+                encoder_attention_mask=torch.ones(args.batch, args.text_len))
+    t = torch.full((args.batch,), 500.0)
+    cond = torch.randn(args.batch, cfg.in_channels, height, width)
+
+    def run():
+        samples = controlnet(x, timestep=t, controlnet_cond=cond, conditioning_scale=1.0, return_dict=False,
+                             **text)[0]
+        return model(x, timestep=t, controlnet_block_samples=tuple(samples), return_dict=False, **text)
+
+    return run
+
+
 # part name -> (add its arguments, build a callable to time, what is being timed)
 PARTS = {
     "transformer": (transformer_args, transformer_setup, "diffusers"),
@@ -373,6 +406,7 @@ PARTS = {
     "pipeline": (pipeline_args, pipeline_setup, "diffusers"),
     "edit": (edit_args, edit_setup, "diffusers"),
     "model": (model_args, model_setup, "diffusers"),
+    "controlnet": (controlnet_args, controlnet_setup, "diffusers"),
 }
 
 

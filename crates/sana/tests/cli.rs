@@ -221,6 +221,103 @@ fn generate_applies_lora_adapters_and_pag() {
     }
 }
 
+#[test]
+fn generate_follows_a_control_image() {
+    let model = model_dir("control");
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/controlnet")
+        .canonicalize()
+        .unwrap();
+    let controlnet = fx.join("controlnet").display().to_string();
+    let control = fx.join("control.png").display().to_string();
+    let out = std::env::temp_dir().join(format!("sana-cli-control-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = out.join(format!("{name}.png"));
+        let result = sana()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args([
+                "--prompt",
+                "a red circle",
+                "--width",
+                "96",
+                "--height",
+                "64",
+            ])
+            .args(["--steps", "2", "--no-resolution-binning", "--seed", "5"])
+            .args(extra)
+            .arg("--output")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        image::open(&path).unwrap().to_rgb8().into_raw()
+    };
+    let plain = run("plain", &[]);
+    let args = ["--controlnet", &controlnet, "--control-image", &control];
+    let zero = run("zero", &[&args[..], &["--controlnet-scale", "0"]].concat());
+    assert!(zero == plain, "at scale 0 the ControlNet changes nothing");
+    let one = run("one", &args);
+    assert!(one != plain, "the control image steers the image");
+    let pag = run(
+        "pag",
+        &[&args[..], &["--pag-scale", "2", "--pag-layers", "1"]].concat(),
+    );
+    assert!(pag != one, "PAG on top");
+    for (extra, needles) in [
+        (
+            vec!["--controlnet", controlnet.as_str()],
+            vec!["--control-image"],
+        ),
+        (
+            vec!["--control-image", control.as_str()],
+            vec!["--controlnet"],
+        ),
+        (
+            vec![
+                "--controlnet",
+                controlnet.as_str(),
+                "--control-image",
+                "/nonexistent.png",
+            ],
+            vec!["--control-image", "/nonexistent.png"],
+        ),
+        (
+            vec![
+                "--model",
+                "sana-tiny-scenes",
+                "--controlnet",
+                controlnet.as_str(),
+                "--control-image",
+                control.as_str(),
+            ],
+            vec!["--controlnet", "does not fit"],
+        ),
+    ] {
+        let mut cmd = sana();
+        cmd.args(["generate", "--prompt", "x", "--steps", "1"]);
+        if !extra.contains(&"--model") {
+            cmd.arg("--model").arg(&model);
+        }
+        let result = cmd
+            .args(&extra)
+            .env("SANA_CACHE_DIR", cache_dir("control"))
+            .output()
+            .unwrap();
+        assert_eq!(result.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+    }
+}
+
 struct Server {
     child: Child,
     port: u16,

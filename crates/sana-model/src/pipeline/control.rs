@@ -44,6 +44,13 @@ impl SanaPipeline {
                 reason: "ControlNet names must be non-empty and unique".into(),
             });
         }
+        if self.kind == PipelineKind::Sprint {
+            return Err(Error::Unsupported {
+                field: "controlnet",
+                value: name.to_string(),
+                reason: "ControlNet is not available for SANA-Sprint models".into(),
+            });
+        }
         let dir = controlnet_dir(path)?;
         let t = self.transformer.config();
         let model = SanaControlNetModel::load(&dir, None, self.transformer.dtype(), &self.device)?;

@@ -15,12 +15,14 @@ use sana_model::transformer::{SanaTransformer2DModel, SanaTransformerConfig, Tra
 use sana_model::weights::{random_var_builder, read_config};
 
 mod adapters;
+mod controlnet;
 mod edit;
 mod http;
 mod pipeline;
 mod text_encoder;
 
 use adapters::AdapterBench;
+use controlnet::ControlNetBench;
 use edit::EditBench;
 use http::HttpBench;
 use pipeline::{ModelBench, PipelineBench};
@@ -101,6 +103,9 @@ enum Part {
     /// PAG step, each against the plain forward in the same run, and the resident memory an
     /// adapter adds.
     Adapters(AdapterBench),
+    /// One denoising step with a ControlNet of real configs (random weights) beside diffusers'
+    /// SanaControlNetPipeline step, and without the ControlNet.
+    Controlnet(ControlNetBench),
     /// A load test of a running `sana serve`: many clients posting generations at once; checks
     /// every answer and reports images/s and latency percentiles.
     Http(HttpBench),
@@ -252,6 +257,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Part::Pipeline(bench) => bench.run(&args)?,
         Part::Edit(bench) => bench.run(&args)?,
         Part::Adapters(bench) => bench.run(&args)?,
+        Part::Controlnet(bench) => bench.run(&args)?,
         Part::Model(bench) => bench.run(&args)?,
         Part::Http(bench) => bench.run()?,
         Part::Vae {
