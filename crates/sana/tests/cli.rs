@@ -132,6 +132,34 @@ fn generate_errors_are_one_line() {
     }
 }
 
+/// `sana generate` of "a red circle" at 96×64, 2 steps, seed 5 on `model` with `extra` flags,
+/// written to `path`; its RGB8 pixels.
+fn generate_96x64(model: &std::path::Path, path: &std::path::Path, extra: &[&str]) -> Vec<u8> {
+    let result = sana()
+        .args(["generate", "--model"])
+        .arg(model)
+        .args([
+            "--prompt",
+            "a red circle",
+            "--width",
+            "96",
+            "--height",
+            "64",
+        ])
+        .args(["--steps", "2", "--no-resolution-binning", "--seed", "5"])
+        .args(extra)
+        .arg("--output")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
 #[test]
 fn generate_applies_lora_adapters_and_pag() {
     let model = model_dir("lora");
@@ -146,31 +174,8 @@ fn generate_applies_lora_adapters_and_pag() {
         .to_string();
     let out = std::env::temp_dir().join(format!("sana-cli-lora-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
-        let path = out.join(format!("{name}.png"));
-        let result = sana()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args([
-                "--prompt",
-                "a red circle",
-                "--width",
-                "96",
-                "--height",
-                "64",
-            ])
-            .args(["--steps", "2", "--no-resolution-binning", "--seed", "5"])
-            .args(extra)
-            .arg("--output")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-        image::open(&path).unwrap().to_rgb8().into_raw()
+    let run = |name: &str, extra: &[&str]| {
+        generate_96x64(&model, &out.join(format!("{name}.png")), extra)
     };
     let plain = run("plain", &[]);
     assert!(
@@ -232,31 +237,8 @@ fn generate_follows_a_control_image() {
     let control = fx.join("control.png").display().to_string();
     let out = std::env::temp_dir().join(format!("sana-cli-control-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
-        let path = out.join(format!("{name}.png"));
-        let result = sana()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args([
-                "--prompt",
-                "a red circle",
-                "--width",
-                "96",
-                "--height",
-                "64",
-            ])
-            .args(["--steps", "2", "--no-resolution-binning", "--seed", "5"])
-            .args(extra)
-            .arg("--output")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-        image::open(&path).unwrap().to_rgb8().into_raw()
+    let run = |name: &str, extra: &[&str]| {
+        generate_96x64(&model, &out.join(format!("{name}.png")), extra)
     };
     let plain = run("plain", &[]);
     let args = ["--controlnet", &controlnet, "--control-image", &control];
