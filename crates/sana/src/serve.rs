@@ -23,7 +23,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let hub = sana_model::source::HubOptions::from_env();
     let mut loras: Vec<(String, std::path::PathBuf)> = Vec::new();
     for arg in &args.lora {
-        let (name, path) = parse_named_lora(arg)?;
+        let (name, path) = parse_named("--lora", arg)?;
         if loras.iter().any(|(n, _)| *n == name) {
             bail!("--lora {arg}: the name `{name}` is given twice");
         }
@@ -33,8 +33,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let mut controlnets: Vec<(String, std::path::PathBuf)> = Vec::new();
     for arg in &args.controlnet {
-        let (name, spec) = parse_named_lora(arg)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--lora", "--controlnet")))?;
+        let (name, spec) = parse_named("--controlnet", arg)?;
         if controlnets.iter().any(|(n, _)| *n == name) {
             bail!("--controlnet {arg}: the name `{name}` is given twice");
         }
@@ -88,10 +87,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `NAME=PATH` of `--lora`: a name of letters, digits, `-`, `_` and `.`, and a path or Hub id.
-pub fn parse_named_lora(arg: &str) -> Result<(String, String)> {
+/// `NAME=PATH` of `--lora` or `--controlnet` (`flag`): a name of letters, digits, `-`, `_` and
+/// `.`, and a path or Hub id.
+pub fn parse_named(flag: &str, arg: &str) -> Result<(String, String)> {
     let Some((name, path)) = arg.split_once('=') else {
-        bail!("--lora {arg}: expected NAME=PATH (e.g. --lora style=./style-lora)");
+        bail!("{flag} {arg}: expected NAME=PATH (e.g. {flag} style=./style)");
     };
     let name = name.trim();
     if name.is_empty()
@@ -99,27 +99,28 @@ pub fn parse_named_lora(arg: &str) -> Result<(String, String)> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        bail!("--lora {arg}: the name must be letters, digits, `-`, `_` or `.`");
+        bail!("{flag} {arg}: the name must be letters, digits, `-`, `_` or `.`");
     }
     if path.trim().is_empty() {
-        bail!("--lora {arg}: the path is empty");
+        bail!("{flag} {arg}: the path is empty");
     }
     Ok((name.to_string(), path.trim().to_string()))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_named_lora;
+    use super::parse_named;
 
     #[test]
     fn lora_flags_need_a_name_and_a_path() {
         assert_eq!(
-            parse_named_lora("style=org/repo@v1").unwrap(),
+            parse_named("--lora", "style=org/repo@v1").unwrap(),
             ("style".to_string(), "org/repo@v1".to_string())
         );
-        assert_eq!(parse_named_lora("a.b-c_1=/x=y").unwrap().1, "/x=y");
+        assert_eq!(parse_named("--lora", "a.b-c_1=/x=y").unwrap().1, "/x=y");
         for bad in ["style", "=x", "st yle=x", "style="] {
-            assert!(parse_named_lora(bad).is_err(), "{bad}");
+            let err = parse_named("--controlnet", bad).expect_err(bad).to_string();
+            assert!(err.starts_with("--controlnet "), "{err}");
         }
     }
 }

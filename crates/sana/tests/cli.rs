@@ -107,6 +107,27 @@ fn generate_writes_decodable_images() {
     );
 }
 
+/// `sana generate --prompt x --steps 1` with `args` (on `model` unless `args` name a `--model`)
+/// fails with exit 1 and one line of stderr holding every needle.
+fn assert_generate_fails(model: &std::path::Path, args: &[&str], needles: &[&str]) {
+    let mut cmd = sana();
+    cmd.args(["generate", "--prompt", "x", "--steps", "1"]);
+    if !args.contains(&"--model") {
+        cmd.arg("--model").arg(model);
+    }
+    let result = cmd
+        .args(args)
+        .env("SANA_CACHE_DIR", cache_dir("errors"))
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1), "{args:?}");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn generate_errors_are_one_line() {
     let model = model_dir("err");
@@ -118,17 +139,7 @@ fn generate_errors_are_one_line() {
             "multiples of 32",
         ),
     ] {
-        let out = sana()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args(["--prompt", "x", "--steps", "1"])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_generate_fails(&model, &args, &[needle]);
     }
 }
 
@@ -207,22 +218,7 @@ fn generate_applies_lora_adapters_and_pag() {
             vec!["--lora", "/nonexistent.safetensors"],
         ),
     ] {
-        let mut cmd = sana();
-        cmd.args(["generate", "--prompt", "x", "--steps", "1"]);
-        if !args.contains(&"--model") {
-            cmd.arg("--model").arg(&model);
-        }
-        let result = cmd
-            .args(&args)
-            .env("SANA_CACHE_DIR", cache_dir("lora"))
-            .output()
-            .unwrap();
-        assert_eq!(result.status.code(), Some(1), "{args:?}");
-        let err = String::from_utf8_lossy(&result.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        for needle in needles {
-            assert!(err.contains(needle), "{args:?}: {err}");
-        }
+        assert_generate_fails(&model, &args, &needles);
     }
 }
 
@@ -281,22 +277,7 @@ fn generate_follows_a_control_image() {
             vec!["--controlnet", "does not fit"],
         ),
     ] {
-        let mut cmd = sana();
-        cmd.args(["generate", "--prompt", "x", "--steps", "1"]);
-        if !extra.contains(&"--model") {
-            cmd.arg("--model").arg(&model);
-        }
-        let result = cmd
-            .args(&extra)
-            .env("SANA_CACHE_DIR", cache_dir("control"))
-            .output()
-            .unwrap();
-        assert_eq!(result.status.code(), Some(1), "{extra:?}");
-        let err = String::from_utf8_lossy(&result.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
-        for needle in needles {
-            assert!(err.contains(needle), "{extra:?}: {err}");
-        }
+        assert_generate_fails(&model, &extra, &needles);
     }
 }
 

@@ -666,11 +666,6 @@ impl LoraRows {
         Ok(())
     }
 
-    /// Whether no adapter is active.
-    pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
-    }
-
     /// `y + Σ_adapters scale_row · scaling · B(A(x))` for the module at `site`; `x` `[rows, …, in]`
     /// and `y` `[rows, …, out]` with every row of the forward.
     pub(super) fn apply(&self, site: usize, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use common::{fixtures, load};
 use sana_model::pipeline::{LoadOptions, LoraChoice, SanaPipeline};
-use sana_model::transformer::{LoraAdapter, LoraRows, RowOptions, SanaTransformer2DModel};
+use sana_model::transformer::{LoraRows, RowOptions, SanaTransformer2DModel};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
@@ -384,7 +384,6 @@ fn requests_with_unknown_adapters_or_bad_scales_are_refused() {
         .expect_err("refused")
         .to_string();
     assert!(err.contains("unique"), "{err}");
-    let _ = LoraAdapter::load; // the type is public for callers that load outside a pipeline
 }
 
 /// PAG's perturbed rows join as copies of the positive rows at the first perturbed block
