@@ -13,6 +13,7 @@ that adds its arguments and a function that builds the model and returns a zero-
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ def transformer_args(parser: argparse.ArgumentParser):
     parser.add_argument("--latent", nargs=2, type=int, required=True, metavar=("H", "W"), help="latent grid size")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--text-len", type=int, default=300)
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
 
 
 def transformer_setup(args: argparse.Namespace):
@@ -33,11 +35,13 @@ def transformer_setup(args: argparse.Namespace):
 
     with open(args.config) as f:
         model = SanaTransformer2DModel.from_config(json.load(f)).eval()
+    dtype = DTYPES[args.dtype]
+    model = model.to(dtype)
     cfg = model.config
     height, width = args.latent
     inputs = dict(
-        hidden_states=torch.randn(args.batch, cfg.in_channels, height, width),
-        encoder_hidden_states=torch.randn(args.batch, args.text_len, cfg.caption_channels),
+        hidden_states=torch.randn(args.batch, cfg.in_channels, height, width, dtype=dtype),
+        encoder_hidden_states=torch.randn(args.batch, args.text_len, cfg.caption_channels, dtype=dtype),
         encoder_attention_mask=torch.ones(args.batch, args.text_len),
         timestep=torch.full((args.batch,), 0.5 if cfg.guidance_embeds else 500.0),
         guidance=torch.full((args.batch,), 0.45) if cfg.guidance_embeds else None,
@@ -214,7 +218,8 @@ def pipeline_setup(args: argparse.Namespace):
 
     def memory():
         if not device.startswith("cuda"):
-            return {}
+            # the process's peak resident set (KiB on Linux): weights, activations, allocator
+            return dict(peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         mib = 1 << 20
         return dict(max_memory_allocated_mb=round(torch.cuda.max_memory_allocated() / mib, 1),
                     max_memory_reserved_mb=round(torch.cuda.max_memory_reserved() / mib, 1))

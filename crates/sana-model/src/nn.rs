@@ -43,10 +43,7 @@ impl Module for Linear {
         let (rows, in_dim) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("input has at least one dim") = self.weight.dim(0)?;
-        let y = x
-            .contiguous()?
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
+        let y = crate::ops::matmul_nt(&x.contiguous()?.reshape((rows, in_dim))?, &self.weight)?
             .reshape(out_dims)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -126,9 +126,10 @@ impl Checkpoint {
         Self::open(&find_weight_files(dir, stem, variant)?)
     }
 
-    /// A `VarBuilder` that converts every tensor to `dtype` on `device`.
+    /// A `VarBuilder` that converts every tensor to `dtype` on `device` (bf16 on the CPU: see
+    /// [`var_builder_for`]).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+        var_builder_for(Box::new(self.clone()), dtype, device)
     }
 
     /// Every tensor name in the checkpoint.
@@ -227,7 +228,69 @@ impl SimpleBackend for Checkpoint {
 /// For benchmarks and load tests of real configs without downloading weights: the cost of a
 /// forward does not depend on the values.
 pub fn random_var_builder(std: f64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights { std }), dtype, device.clone())
+    var_builder_for(Box::new(RandomWeights { std }), dtype, device)
+}
+
+/// A `VarBuilder` over `backend` for a model in `dtype` on `device`.
+///
+/// bf16 on the CPU is mixed precision: the weight matrices (every `…weight` of rank ≥ 2 with more
+/// than one input channel: linear layers, 1×1 and k×k convolutions, embeddings) are held in bf16,
+/// half the memory, and everything else (biases, norms, modulation tables, depthwise kernels) in
+/// f32; the modules compute in f32 (the `VarBuilder`'s dtype), and [`crate::ops::matmul_nt`]
+/// multiplies bf16 weights by f32 activations (oneDNN's bf16 kernels, or the weight widened).
+/// Everywhere else `dtype` is the weights' and the activations' dtype.
+pub fn var_builder_for(
+    backend: Box<dyn SimpleBackend>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        let mixed = MatricesIn {
+            inner: backend,
+            dtype,
+        };
+        VarBuilder::from_backend(Box::new(mixed), DType::F32, device.clone())
+    } else {
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+}
+
+/// Whether `name` of shape `s` is a weight matrix (see [`var_builder_for`]).
+pub fn is_weight_matrix(name: &str, s: &Shape) -> bool {
+    let dims = s.dims();
+    name.ends_with("weight") && dims.len() >= 2 && dims[1] > 1 && s.elem_count() >= 256
+}
+
+/// Weight matrices in `dtype`, all else as asked (see [`var_builder_for`]).
+struct MatricesIn {
+    inner: Box<dyn SimpleBackend>,
+    dtype: DType,
+}
+
+impl SimpleBackend for MatricesIn {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = if is_weight_matrix(name, &s) {
+            self.dtype
+        } else {
+            dtype
+        };
+        self.inner.get(s, name, init, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
 }
 
 struct RandomWeights {
@@ -252,5 +315,33 @@ impl SimpleBackend for RandomWeights {
 
     fn contains_tensor(&self, _: &str) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CPU bf16: matrices held in bf16, vectors, tables and depthwise kernels in f32, the
+    /// builder's (activation) dtype f32; other devices and dtypes untouched.
+    #[test]
+    fn cpu_bf16_holds_weight_matrices_in_bf16_and_the_rest_in_f32() -> candle_core::Result<()> {
+        let vb = random_var_builder(0.02, DType::BF16, &Device::Cpu);
+        assert_eq!(vb.dtype(), DType::F32);
+        for (shape, name, want) in [
+            (vec![64, 32], "to_q.weight", DType::BF16),
+            (vec![64, 32, 1, 1], "conv_inverted.weight", DType::BF16),
+            (vec![16, 8, 3, 3], "conv_in.weight", DType::BF16),
+            (vec![64], "to_q.bias", DType::F32),
+            (vec![64], "norm.weight", DType::F32),
+            (vec![6, 64], "scale_shift_table", DType::F32),
+            (vec![64, 1, 3, 3], "conv_depth.weight", DType::F32),
+        ] {
+            let t = vb.get(shape.as_slice(), name)?;
+            assert_eq!(t.dtype(), want, "{name} {shape:?}");
+        }
+        let f32 = random_var_builder(0.02, DType::F32, &Device::Cpu);
+        assert_eq!(f32.get((64, 32), "to_q.weight")?.dtype(), DType::F32);
+        Ok(())
     }
 }

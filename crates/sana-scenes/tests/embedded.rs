@@ -3,13 +3,24 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
-use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, SanaPipeline};
+use candle_core::{DType, Device, Tensor};
+use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, Precision, SanaPipeline};
 use sana_scenes::{check, heldout, Tally};
 
 fn pipeline() -> SanaPipeline {
+    pipeline_in(DType::F32)
+}
+
+/// The embedded model with all three models in `dtype` on the CPU.
+fn pipeline_in(dtype: DType) -> SanaPipeline {
     let root = sana_scenes::materialize().unwrap();
-    SanaPipeline::load(&root, &LoadOptions::new(Device::Cpu)).unwrap()
+    let mut opts = LoadOptions::new(Device::Cpu);
+    opts.precision = Some(Precision {
+        transformer: dtype,
+        text_encoder: dtype,
+        vae: dtype,
+    });
+    SanaPipeline::load(&root, &opts).unwrap()
 }
 
 /// A request at the model's defaults (as `sana generate` and the server build it).
@@ -37,7 +48,12 @@ fn request(pipe: &SanaPipeline, prompts: &[(String, u64)]) -> GenerateRequest {
 /// The checker's tally over the 100 held-out prompts at the model's defaults (prompt `i` with seed
 /// `i`, ten per batch), printed with the time per image.
 fn held_out_tally() -> Tally {
-    let pipe = pipeline();
+    held_out_tally_in(DType::F32)
+}
+
+/// [`held_out_tally`] with the models in `dtype`.
+fn held_out_tally_in(dtype: DType) -> Tally {
+    let pipe = pipeline_in(dtype);
     let d = pipe.defaults();
     assert_eq!((d.steps, d.guidance_scale), (6, 4.5));
     assert!(!d.complex_human_instruction);
@@ -63,7 +79,8 @@ fn held_out_tally() -> Tally {
         }
     }
     println!(
-        "sana-tiny-scenes, 100 held-out prompts, {} steps, guidance {}: {tally} ({:.0} ms/image)",
+        "sana-tiny-scenes {dtype:?}, 100 held-out prompts, {} steps, guidance {}: {tally} \
+         ({:.0} ms/image)",
         d.steps,
         d.guidance_scale,
         start.elapsed().as_secs_f64() * 10.0
@@ -81,6 +98,27 @@ fn held_out_accuracy_meets_the_target() {
     assert!(t.position_pct() >= 90.0, "{t}");
     assert!(t.shape_pct() >= 80.0, "{t}");
     assert!(t.size_pct() >= 90.0, "{t}");
+}
+
+/// bf16 on the CPU (bf16 weights and matmuls, f32 where numerics need it) scores as f32 does:
+/// each category within 2 points.
+#[test]
+fn held_out_scores_in_bf16_stay_within_2_points_of_f32() {
+    eprintln!("CPU bf16 matmuls: {}", sana_model::ops::cpu_bf16_status());
+    let f32 = held_out_tally_in(DType::F32);
+    let bf16 = held_out_tally_in(DType::BF16);
+    for (what, a, b) in [
+        ("background", f32.background_pct(), bf16.background_pct()),
+        ("color", f32.color_pct(), bf16.color_pct()),
+        ("position", f32.position_pct(), bf16.position_pct()),
+        ("shape", f32.shape_pct(), bf16.shape_pct()),
+        ("size", f32.size_pct(), bf16.size_pct()),
+    ] {
+        assert!(
+            (a - b).abs() <= 2.0 && b.is_finite(),
+            "{what}: f32 {a:.1}% vs bf16 {b:.1}% (f32 {f32}; bf16 {bf16})"
+        );
+    }
 }
 
 #[test]

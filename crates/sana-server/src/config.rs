@@ -55,7 +55,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SANA_DIFFUSERS_INSTRUCTION")]
     pub diffusers_instruction: bool,
 
-    /// Weights dtype: `auto` (f32 on CPU; on CUDA bf16, or f16 for fp16-trained checkpoints),
+    /// Weights dtype: `auto` (on CPU bf16 when its AMX tiles are reached through oneDNN, else f32;
+    /// on CUDA bf16, or f16 for fp16-trained checkpoints),
     /// `f32`, `bf16` or `f16`. Read by the binary that builds the backend.
     #[arg(long, env = "SANA_DTYPE", default_value = "auto",
           value_parser = ["auto", "f32", "bf16", "f16"])]

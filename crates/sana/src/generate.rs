@@ -73,8 +73,9 @@ pub struct GenerateArgs {
     /// such as sana-tiny-scenes, never get it).
     #[arg(long)]
     no_complex_human_instruction: bool,
-    /// Weights dtype: auto (f32 on CPU; bf16, or f16 for fp16-trained checkpoints, on CUDA), f32,
-    /// bf16 or f16 (Gemma and the DC-AE then stay in bf16: they overflow f16).
+    /// Weights dtype: auto (on CPU bf16 when its AMX tiles are reached through oneDNN, else f32;
+    /// bf16, or f16 for fp16-trained checkpoints, on CUDA), f32, bf16 or f16 (Gemma and the DC-AE
+    /// then stay in bf16: they overflow f16).
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// cpu, cuda[:N], or auto (the first GPU when the binary has CUDA and one is present).

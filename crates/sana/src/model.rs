@@ -126,7 +126,7 @@ impl Resolved {
         variant: Option<&str>,
     ) -> Result<SanaPipeline> {
         let mut opts = LoadOptions::new(device.clone());
-        opts.precision = parse_precision(dtype)?;
+        opts.precision = parse_precision(dtype)?.or_else(|| cpu_auto_precision(device));
         opts.variant = variant.map(str::to_string);
         match self {
             Resolved::Folder(root) => SanaPipeline::load(root, &opts)
@@ -149,6 +149,30 @@ impl Resolved {
             )
             .with_context(|| format!("loading {}", pth.display())),
         }
+    }
+}
+
+/// `--dtype auto` on the CPU: bf16 for all three models when bf16 matmuls run on the CPU's AMX
+/// tiles (oneDNN loaded, an AMX kernel picked), else `None` (the library's f32 policy). Logged
+/// either way, with what to set to change it.
+pub fn cpu_auto_precision(device: &Device) -> Option<Precision> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let path = sana_model::ops::cpu_bf16_status();
+    if path.on_amx() {
+        tracing::info!("--dtype auto on this CPU: bf16 weights, matmuls by {path} (--dtype f32 to opt out)");
+        Some(Precision {
+            transformer: DType::BF16,
+            text_encoder: DType::BF16,
+            vae: DType::BF16,
+        })
+    } else {
+        tracing::info!(
+            "--dtype auto on this CPU: f32 (CPU bf16 matmuls: {path}; --dtype bf16 halves the \
+             weights' memory at about f32 speed)"
+        );
+        None
     }
 }
 

@@ -16,6 +16,10 @@ pub(super) fn needs_f32(x: &Tensor) -> bool {
 /// `a · b` for contiguous operands; bf16 on CPU runs in f32 and rounds once (as torch accumulates).
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
+    if a.dtype() != b.dtype() {
+        // CPU mixed precision: a bf16 weight with f32 activations is widened for the call.
+        return a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?);
+    }
     if needs_f32(&a) {
         a.to_dtype(DType::F32)?
             .matmul(&b.to_dtype(DType::F32)?)?
@@ -63,7 +67,8 @@ impl Module for Conv2d {
         let (x, w) = if wide {
             (x.to_dtype(DType::F32)?, self.weight.to_dtype(DType::F32)?)
         } else {
-            (x.clone(), self.weight.clone())
+            // (a CPU mixed-precision bf16 weight is widened to the activations' dtype)
+            (x.clone(), self.weight.to_dtype(dtype)?)
         };
         let y = if x.device().is_cpu() && self.stride == 1 && x.dtype() == DType::F32 {
             // candle's CPU conv builds its im2col one value at a time; this one copies rows.

@@ -136,9 +136,10 @@ impl NvlabsCheckpoint {
         })))
     }
 
-    /// A `VarBuilder` over diffusers names that converts every tensor to `dtype` on `device`.
+    /// A `VarBuilder` over diffusers names that converts every tensor to `dtype` on `device`
+    /// (bf16 on the CPU: see [`crate::weights::var_builder_for`]).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+        crate::weights::var_builder_for(Box::new(self.clone()), dtype, device)
     }
 
     /// Every NVlabs tensor name in the checkpoint, sorted.

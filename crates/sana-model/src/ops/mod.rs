@@ -14,6 +14,9 @@
 //!   `[B, N, C]` rows: the 1×1 convs around it stay plain matmuls with no transposes.
 //! * [`linear_attention`]: the ReLU linear attention core on CPU in one pass over q, k, v.
 //!
+//! * [`matmul_nt`]: `x · wᵀ` (PyTorch's `linear`); bf16 on the CPU through oneDNN's AMX /
+//!   AVX512-BF16 kernels when it is installed (see `onednn.rs`), candle's matmul otherwise.
+//!
 //! And the DC-AE's CPU-only algorithms (used when the tensors are f32 on the CPU; other devices
 //! and dtypes use candle's ops): `im2col` (banded im2col + gemm convolutions), `winograd`
 //! (3×3 convolutions by Winograd F(2×2, 3×3)) and `rms_norm` (channel RMSNorm fused with its
@@ -22,6 +25,7 @@
 mod depthwise;
 mod im2col;
 mod linear_attention;
+mod onednn;
 mod rms_norm;
 mod winograd;
 
@@ -34,6 +38,7 @@ use candle_core::{CpuStorage, DType, Layout, Result};
 pub use depthwise::{depthwise_conv2d, glu_depthwise_conv2d, glu_depthwise_conv2d_nhwc};
 pub(crate) use im2col::CpuConv;
 pub use linear_attention::{linear_attention, linear_attention_tensor_ops};
+pub use onednn::{cpu_bf16 as cpu_bf16_status, matmul_nt, matmul_nt_on_onednn, onednn_loaded, onednn_matmul_nt, CpuBf16};
 pub(crate) use rms_norm::CpuRmsNorm;
 pub(crate) use winograd::WINOGRAD_BAND_VALUES;
 

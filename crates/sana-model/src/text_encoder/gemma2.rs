@@ -49,7 +49,11 @@ impl Module for Proj {
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("input has at least one dim") = out_dim;
         let x = x.contiguous()?.reshape((rows, in_dim))?;
-        let y = if rows <= 128 || in_dim > out_dim {
+        let y = if crate::ops::matmul_nt_on_onednn(&x, &self.weight)
+            || x.dtype() != self.weight.dtype()
+        {
+            crate::ops::matmul_nt(&x, &self.weight)?
+        } else if rows <= 128 || in_dim > out_dim {
             self.weight.matmul(&x.t()?)?.t()?.contiguous()? // [out, rows] → [rows, out]
         } else {
             x.matmul(&self.weight.t()?)?
@@ -470,6 +474,7 @@ impl Gemma2Model {
         let mut x = self
             .embed_tokens
             .index_select(&ids, 0)?
+            .to_dtype(self.dtype)? // bf16 rows of a CPU mixed-precision table
             .affine(self.embed_scale, 0.0)?
             .reshape((b, s, self.cfg.hidden_size))?;
         // 2. RoPE tables for positions p..p+s: [S, hd/2], f32, then the activation dtype.

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::config::SanaTransformerConfig;
 use super::lora::{site, LoraRows};
 use crate::nn::{linear, linear_no_bias, GluConvWeights, Linear};
-use crate::ops::{glu_depthwise_conv2d_nhwc, linear_attention};
+use crate::ops::{glu_depthwise_conv2d_nhwc, linear_attention, matmul_nt};
 
 /// Normalises the last dim in f32 (no affine), cast back: `nn.LayerNorm(elementwise_affine=False)`.
 pub(super) fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -272,9 +272,7 @@ impl GluMbConv {
         let (b, n, d) = x.dims3()?;
         let at = |part| site::block(ctx.block, part);
         // 1. 1×1 expansion without its bias: [B·N, D] · [D, 2Hf] → [B, h, w, 2Hf].
-        let pre = x
-            .reshape((b * n, d))?
-            .matmul(&self.w.inverted_w.t()?)?
+        let pre = matmul_nt(&x.reshape((b * n, d))?, &self.w.inverted_w)?
             .reshape((b, n, 2 * self.hidden))?;
         let pre =
             ctx.lora
@@ -284,9 +282,7 @@ impl GluMbConv {
         let gated = glu_depthwise_conv2d_nhwc(&pre, &self.w.depth_w, &self.w.biases, 1)?
             .reshape((b, n, self.hidden))?;
         // 3. 1×1 projection back to D: [B·N, Hf] · [Hf, D] → [B, N, D].
-        let out = gated
-            .reshape((b * n, self.hidden))?
-            .matmul(&self.w.point_w.t()?)?
+        let out = matmul_nt(&gated.reshape((b * n, self.hidden))?, &self.w.point_w)?
             .reshape((b, n, d))?;
         ctx.lora.apply(at(site::FF_POINT), &gated, out)
     }

@@ -159,10 +159,7 @@ impl LoraModule {
         let rows = x.elem_count() / in_dim;
         let b = dims[0];
         // [rows, in] · [in, r] → the rank-r intermediate, scaled per row, · [r, out].
-        let h = x
-            .contiguous()?
-            .reshape((rows, in_dim))?
-            .matmul(&self.down.t()?)?;
+        let h = crate::ops::matmul_nt(&x.contiguous()?.reshape((rows, in_dim))?, &self.down)?;
         let r = h.dim(1)?;
         let h = match factor {
             Factor::One(f) => (h * *f)?,
@@ -171,7 +168,7 @@ impl LoraModule {
                 .broadcast_mul(&t.reshape((b, 1, 1))?)?
                 .reshape((rows, r))?,
         };
-        let mut delta = h.matmul(&self.up.t()?)?; // [rows, out]
+        let mut delta = crate::ops::matmul_nt(&h, &self.up)?; // [rows, out]
         if let Some(bias) = &self.up_bias {
             let out = delta.dim(1)?;
             delta = match factor {

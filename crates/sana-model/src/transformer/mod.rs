@@ -446,8 +446,8 @@ impl SanaTransformer2DModel {
         let mut hs = lora.apply(
             site::PATCH_EMBED,
             &patches,
-            patches
-                .broadcast_matmul(&self.patch_w.t()?)?
+            crate::ops::matmul_nt(&patches.reshape((b * n, c * p * p))?, &self.patch_w)?
+                .reshape((b, n, ()))?
                 .broadcast_add(&self.patch_b)?,
         )?;
         // 2. Position embedding (2K/4K models), added in f32 then cast back.

@@ -18,6 +18,16 @@ pub fn fixtures() -> PathBuf {
 
 /// The device the parity tests run on: `SANA_TEST_DEVICE` (`cpu`, the default, or `cuda:N`), so
 /// the GPU check (`scripts/gpu-check.sh`) runs the same tests and tolerances on a GPU.
+/// The activations' dtype of a model loaded in `dtype` on the test device: bf16 on the CPU is
+/// mixed precision (bf16 weight matrices, f32 activations; `sana_model::weights::var_builder_for`).
+pub fn activation_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    if device().is_cpu() && dtype == candle_core::DType::BF16 {
+        candle_core::DType::F32
+    } else {
+        dtype
+    }
+}
+
 pub fn device() -> Device {
     match std::env::var("SANA_TEST_DEVICE").as_deref() {
         Err(_) | Ok("" | "cpu") => Device::Cpu,

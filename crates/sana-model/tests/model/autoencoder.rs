@@ -38,7 +38,7 @@ fn check(cases: &[&str], dtype: DType, suffix: &str, rel: f32, what: &str, decod
         let (model, io) = model(case, dtype);
         if decode {
             let decoded = model.decode(&io["latent"]).expect("decode");
-            assert_eq!(decoded.dtype(), dtype);
+            assert_eq!(decoded.dtype(), common::activation_dtype(dtype));
             assert_close(
                 &format!("{case} decode"),
                 &decoded,

@@ -6,12 +6,12 @@ use crate::common;
 
 use std::path::PathBuf;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{fixtures, load};
 use sana_backend::{Backend, Batch, BatchItem, BatchKey, Control, Sampler};
 use sana_model::backend::SanaBackend;
 use sana_model::pipeline::sampling::Flow;
-use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, SanaPipeline};
+use sana_model::pipeline::{GenerateRequest, ItemRequest, LoadOptions, Precision, SanaPipeline};
 use sana_model::scheduler::SchedulerConfig;
 use sana_model::weights::read_config;
 use serde_json::Value;
@@ -164,6 +164,31 @@ fn sprint_pipeline_equals_diffusers() {
     assert_pixels("scm_one_step", &run(&pipe, &req), &reference, 2);
 }
 
+/// The tiny pipelines with every model in bf16 on the CPU (bf16 weights, bf16 matmuls through
+/// oneDNN where it runs, f32 norms, softmax, linear-attention sums and sampler): within 8/255 of
+/// diffusers in f32 on the same latents.
+#[test]
+fn pipelines_in_bf16_on_cpu_stay_within_8_of_the_f32_reference() {
+    eprintln!("CPU bf16 matmuls: {}", sana_model::ops::cpu_bf16_status());
+    let cases: [(&str, &[&str]); 2] = [
+        ("sana", &["dpm_binning_instruction", "euler_exact_size_no_instruction"]),
+        ("sprint", &["scm_one_step"]),
+    ];
+    for (name, names) in cases {
+        let mut opts = LoadOptions::new(Device::Cpu);
+        opts.precision = Some(Precision {
+            transformer: DType::BF16,
+            text_encoder: DType::BF16,
+            vae: DType::BF16,
+        });
+        let pipe = SanaPipeline::load(&assemble(name), &opts).unwrap();
+        for case_name in names {
+            let (req, reference) = case(name, case_name);
+            assert_pixels(&format!("{name} {case_name} bf16"), &run(&pipe, &req), &reference, 8);
+        }
+    }
+}
+
 #[test]
 fn seeds_decide_images_and_batches_do_not() {
     let pipe = pipeline("sana");
@@ -234,7 +259,7 @@ fn bad_requests_are_refused_with_the_field() {
     assert!(err.contains("size") && err.contains("32"), "{err}");
     let mut wrong = req.clone();
     wrong.latents =
-        Some(Tensor::zeros((1, 8, 2, 3), candle_core::DType::F32, &Device::Cpu).unwrap());
+        Some(Tensor::zeros((1, 8, 2, 3), DType::F32, &Device::Cpu).unwrap());
     let err = pipe
         .generate(&wrong, &mut |_| Flow::Continue)
         .err()
@@ -332,3 +357,4 @@ fn backend_serves_batches_with_previews() {
         .unwrap_err();
     assert_eq!(err, sana_backend::BackendError::Cancelled);
 }
+

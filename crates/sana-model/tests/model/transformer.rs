@@ -42,7 +42,7 @@ fn check_case(case: &str, variant: Option<&str>, dtype: DType, rel: f32, what: &
     let model = SanaTransformer2DModel::load(&dir, variant, dtype, &common::device())
         .unwrap_or_else(|e| panic!("{case}: load failed: {e}"));
     let out = run(&model, &io);
-    assert_eq!(out.dtype(), dtype);
+    assert_eq!(out.dtype(), common::activation_dtype(dtype));
     assert_close(case, &out, &io["output"], rel, what);
 }
 

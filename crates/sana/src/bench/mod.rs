@@ -51,7 +51,7 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum Part {
-    /// One SanaTransformer2DModel forward of a real config (random weights), f32 on CPU.
+    /// One SanaTransformer2DModel forward of a real config (random weights) on CPU, f32 and/or bf16.
     Transformer {
         /// A transformer config.json.
         #[arg(long)]
@@ -65,6 +65,10 @@ enum Part {
         /// Text tokens (all unmasked).
         #[arg(long, default_value_t = 300)]
         text_len: usize,
+        /// Weight dtypes, comma-separated (f32, bf16): one row each, and bf16 against f32 when
+        /// both are timed; the reference runs in the same dtype (`torch_dtype`).
+        #[arg(long = "dtype", value_delimiter = ',', default_value = "f32")]
+        dtypes: Vec<String>,
     },
     /// The depthwise convolution op at a Mix-FFN shape (default: Sana-1.6B at 1024², C = 11200).
     Depthwise {
@@ -208,49 +212,82 @@ pub fn run(args: BenchArgs) -> Result<()> {
             latent,
             batch,
             text_len,
+            dtypes,
         } => {
             let cfg: SanaTransformerConfig = read_config(config)?;
-            let model =
-                SanaTransformer2DModel::new(&cfg, random_var_builder(0.02, DType::F32, &dev))?;
             let name = config.file_stem().unwrap_or_default().to_string_lossy();
+            if dtypes.iter().any(|d| d == "bf16") {
+                println!(
+                    "CPU bf16 matmuls: {}",
+                    sana_model::ops::cpu_bf16_status()
+                );
+            }
             for hw in latent {
                 let (h, w) = parse_hw(hw)?;
-                let x = Tensor::randn(0f32, 1., (*batch, cfg.in_channels, h, w), &dev)?;
-                let y = Tensor::randn(0f32, 1., (*batch, *text_len, cfg.caption_channels), &dev)?;
-                let mask = Tensor::ones((*batch, *text_len), DType::F32, &dev)?;
-                let t_value = if cfg.guidance_embeds { 0.5 } else { 500.0 };
-                let t = Tensor::full(t_value, *batch, &dev)?;
-                let g = Tensor::full(0.45f32, *batch, &dev)?;
-                let input = TransformerInput {
-                    hidden_states: &x,
-                    encoder_hidden_states: &y,
-                    encoder_attention_mask: Some(&mask),
-                    timestep: &t,
-                    guidance: cfg.guidance_embeds.then_some(&g),
-                };
-                let (ours, _) = time_ms(args.warmup, args.repeat, || {
-                    model.forward(&input)?;
-                    Ok(())
-                })?;
-                let reference = args.reference(&[
-                    "transformer".into(),
-                    "--config".into(),
-                    config.display().to_string(),
-                    "--latent".into(),
-                    h.to_string(),
-                    w.to_string(),
-                    "--batch".into(),
-                    batch.to_string(),
-                    "--text-len".into(),
-                    text_len.to_string(),
-                ])?;
-                args.report(
-                    &format!(
-                        "transformer {name} latent {h}x{w} batch {batch} text {text_len} f32 cpu"
-                    ),
-                    ours,
-                    reference,
-                );
+                // ours (ms) per dtype, for the bf16 / f32 line
+                let mut ours_by_dtype = Vec::new();
+                for dtype_name in dtypes {
+                    let dtype = match dtype_name.as_str() {
+                        "f32" => DType::F32,
+                        "bf16" => DType::BF16,
+                        other => bail!("--dtype {other:?}: f32 or bf16"),
+                    };
+                    let model =
+                        SanaTransformer2DModel::new(&cfg, random_var_builder(0.02, dtype, &dev))?;
+                    let x = Tensor::randn(0f32, 1., (*batch, cfg.in_channels, h, w), &dev)?;
+                    let y = Tensor::randn(0f32, 1., (*batch, *text_len, cfg.caption_channels), &dev)?
+                        .to_dtype(dtype)?;
+                    let mask = Tensor::ones((*batch, *text_len), DType::F32, &dev)?;
+                    let t_value = if cfg.guidance_embeds { 0.5 } else { 500.0 };
+                    let t = Tensor::full(t_value, *batch, &dev)?;
+                    let g = Tensor::full(0.45f32, *batch, &dev)?;
+                    let input = TransformerInput {
+                        hidden_states: &x,
+                        encoder_hidden_states: &y,
+                        encoder_attention_mask: Some(&mask),
+                        timestep: &t,
+                        guidance: cfg.guidance_embeds.then_some(&g),
+                    };
+                    let (ours, _) = time_ms(args.warmup, args.repeat, || {
+                        model.forward(&input)?;
+                        Ok(())
+                    })?;
+                    drop(model);
+                    let reference = args.reference(&[
+                        "transformer".into(),
+                        "--config".into(),
+                        config.display().to_string(),
+                        "--latent".into(),
+                        h.to_string(),
+                        w.to_string(),
+                        "--batch".into(),
+                        batch.to_string(),
+                        "--text-len".into(),
+                        text_len.to_string(),
+                        "--dtype".into(),
+                        dtype_name.clone(),
+                    ])?;
+                    args.report(
+                        &format!(
+                            "transformer {name} latent {h}x{w} batch {batch} text {text_len} \
+                             {dtype_name} cpu"
+                        ),
+                        ours,
+                        reference,
+                    );
+                    ours_by_dtype.push((dtype_name.as_str(), ours));
+                }
+                if let (Some((_, f32_ms)), Some((_, bf16_ms))) = (
+                    ours_by_dtype.iter().find(|(d, _)| *d == "f32"),
+                    ours_by_dtype.iter().find(|(d, _)| *d == "bf16"),
+                ) {
+                    println!(
+                        "transformer {name} latent {h}x{w}: ours bf16 / ours f32 = {:.2} \
+                         (speed-up {:.2}×)",
+                        bf16_ms / f32_ms,
+                        f32_ms / bf16_ms
+                    );
+                }
             }
         }
         Part::TextEncoder(bench) => bench.run(&args)?,

@@ -55,6 +55,11 @@ pub struct PipelineBench {
     /// f32, bf16 or f16 (the transformer; Gemma and the DC-AE stay bf16 under f16).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// The reference's dtypes, comma-separated (default: --dtype): each runs in its own process,
+    /// and its time and peak resident memory are printed beside ours (e.g. ours in bf16 against
+    /// diffusers in f32 and in bf16).
+    #[arg(long = "reference-dtype", value_delimiter = ',')]
+    reference_dtypes: Vec<String>,
     #[arg(long, default_value_t = 4.5)]
     guidance_scale: f32,
     #[arg(
@@ -90,16 +95,29 @@ impl PipelineBench {
     /// Times the reference first (it needs ~14 GB on CPU and exits, giving its memory back),
     /// then ours, row by row.
     pub fn run(&self, args: &BenchArgs) -> Result<()> {
-        use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
-        use sana_model::pipeline::{GenerateRequest, LoadOptions, PipelineKind, SanaPipeline};
-        use sana_model::scheduler::SchedulerConfig;
-        use sana_model::text_encoder::{
-            Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
-        };
-
         let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         let warmup_steps = self.warmup_steps.unwrap_or(self.steps);
-        let reference = args.reference_json(&[
+        let reference_dtypes = if self.reference_dtypes.is_empty() {
+            vec![self.dtype.clone()]
+        } else {
+            self.reference_dtypes.clone()
+        };
+        let mut reference = Vec::new();
+        for dtype in &reference_dtypes {
+            reference.extend(self.reference_rows(args, dtype, &list, warmup_steps)?);
+        }
+        self.run_ours(args, &reference, warmup_steps)
+    }
+
+    /// The reference's rows in `dtype` (one process).
+    fn reference_rows(
+        &self,
+        args: &BenchArgs,
+        dtype: &str,
+        list: &dyn Fn(&[usize]) -> String,
+        warmup_steps: usize,
+    ) -> Result<Vec<serde_json::Value>> {
+        let mut rows = args.reference_json(&[
             "pipeline".into(),
             "--transformer-config".into(),
             self.transformer_config.display().to_string(),
@@ -126,8 +144,28 @@ impl PipelineBench {
             "--device".into(),
             self.device.clone(),
             "--dtype".into(),
-            self.dtype.clone(),
+            dtype.to_string(),
         ])?;
+        for r in &mut rows {
+            r["dtype"] = dtype.into();
+        }
+        Ok(rows)
+    }
+
+    /// Builds ours and times each row, printed beside the reference rows of the same size and
+    /// batch.
+    fn run_ours(
+        &self,
+        args: &BenchArgs,
+        reference: &[serde_json::Value],
+        warmup_steps: usize,
+    ) -> Result<()> {
+        use sana_model::autoencoder::{AutoencoderDC, AutoencoderDCConfig};
+        use sana_model::pipeline::{GenerateRequest, LoadOptions, PipelineKind, SanaPipeline};
+        use sana_model::scheduler::SchedulerConfig;
+        use sana_model::text_encoder::{
+            Gemma2Config, Gemma2Model, GemmaTokenizer, SanaTextEncoder,
+        };
 
         let dev = crate::generate::parse_device(&self.device)?;
         let precision = crate::model::parse_precision(&self.dtype)?
@@ -156,6 +194,9 @@ impl PipelineBench {
             self.device,
             start.elapsed().as_secs_f64()
         );
+        if dev.is_cpu() && self.dtype == "bf16" {
+            println!("CPU bf16 matmuls: {}", sana_model::ops::cpu_bf16_status());
+        }
         let name = self
             .transformer_config
             .file_stem()
@@ -189,9 +230,16 @@ impl PipelineBench {
             let t_start = epoch_s();
             let (total, _, times) = time_generate(&pipe, &req, 0, args.repeat)?;
             let t_end = epoch_s();
-            let reference = reference.iter().find(|r| {
+            let same_row = |r: &&serde_json::Value| {
                 r["size"].as_u64() == Some(size as u64) && r["batch"].as_u64() == Some(batch as u64)
-            });
+            };
+            let rows_here: Vec<&serde_json::Value> = reference.iter().filter(same_row).collect();
+            // The stage table compares like with like: the reference in our dtype, else the first.
+            let reference = rows_here
+                .iter()
+                .find(|r| r["dtype"].as_str() == Some(self.dtype.as_str()))
+                .or(rows_here.first())
+                .copied();
             println!(
                 "pipeline {name} {size}x{size}, {} steps, guidance {}, batch {batch}, {} {}: \
                  {:.2} images/s (last run's stages):",
@@ -201,10 +249,35 @@ impl PipelineBench {
                 self.device,
                 batch as f64 * 1e3 / total
             );
-            if let Some(r) = reference.and_then(|v| v["ms_mean"].as_f64()) {
-                println!("  diffusers: {:.2} images/s", batch as f64 * 1e3 / r);
+            for r in &rows_here {
+                if let Some(ms) = r["ms_mean"].as_f64() {
+                    println!(
+                        "  diffusers {}: {:.2} images/s (ours / diffusers time: {:.2})",
+                        r["dtype"].as_str().unwrap_or("?"),
+                        batch as f64 * 1e3 / ms,
+                        total / ms
+                    );
+                }
+            }
+            if reference.is_some_and(|r| r["dtype"].as_str() != Some(self.dtype.as_str())) {
+                println!("  (stages below: against diffusers in another dtype)");
             }
             print_stages(&times, total, reference);
+            // Peak resident memory of this process so far (the reference ran in its own).
+            let peak_mib = peak_resident_mib();
+            if let Some(peak) = peak_mib {
+                print!("  peak resident memory: ours {} {peak:.0} MiB", self.dtype);
+                for r in &rows_here {
+                    if let Some(theirs) = r["peak_rss_mb"].as_f64() {
+                        print!(
+                            " | diffusers {} {theirs:.0} MiB (ours / theirs {:.2})",
+                            r["dtype"].as_str().unwrap_or("?"),
+                            peak / theirs
+                        );
+                    }
+                }
+                println!();
+            }
             if let Some(file) = json.as_mut() {
                 use std::io::Write as _;
                 let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -216,16 +289,25 @@ impl PipelineBench {
                     "step_ms_mean": times.steps.iter().map(|d| ms(*d)).sum::<f64>() / steps,
                     "decode_ms": ms(times.decode), "ms_mean": total,
                     "images_per_s": batch as f64 * 1e3 / total,
+                    "peak_rss_mb": peak_mib,
                     "t_start": t_start, "t_end": t_end,
                 });
                 writeln!(file, "{row}")?;
-                if let Some(r) = reference {
+                for r in &rows_here {
                     writeln!(file, "{r}")?;
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The process's peak resident set (`VmHWM`) in MiB; `None` off Linux.
+pub(super) fn peak_resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// `req` through the pipeline `warmup` times untimed, then `repeat` times: mean and fastest

@@ -1,0 +1,553 @@
+//! bf16 matmuls on the CPU's matrix units through oneDNN, loaded at run time.
+//!
+//! candle 0.11.1 multiplies CPU bf16 tensors by widening both operands to f32, running its f32
+//! gemm and rounding back: bf16 weights then save memory but no time. oneDNN (the library behind
+//! PyTorch's CPU bf16 `linear`) multiplies bf16 × bf16 with f32 accumulation on Intel AMX tiles, or
+//! with AVX512-BF16 / AVX-512 where AMX is absent; it picks the kernel from the CPU at run time.
+//!
+//! The library is opened with `dlopen` (`libdnnl.so.2`, Debian's `libdnnl2`, oneDNN 2.x C API), so
+//! the binary runs without it: when it is missing, too old or new, switched off
+//! (`SANA_ONEDNN=off`), or has no bf16 kernel for this CPU (oneDNN 2.x needs AVX-512; force a
+//! lesser ISA with oneDNN's own `ONEDNN_MAX_CPU_ISA`, e.g. `AVX2`), [`matmul_nt`] takes candle's
+//! widening path and gives the same values up to rounding. [`cpu_bf16`] says which path runs, and
+//! why.
+//!
+//! oneDNN 2.x kept AMX behind an opt-in; unless `ONEDNN_MAX_CPU_ISA` is set, we raise the ceiling
+//! to `AVX512_CORE_AMX` (`dnnl_set_max_cpu_isa`), which also asks Linux for the tile state.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+type Status = c_int;
+type Handle = *mut c_void;
+
+const SUCCESS: Status = 0;
+const DT_BF16: c_int = 2;
+const DT_F32: c_int = 3;
+const TAG_AB: c_int = 3;
+const TAG_BA: c_int = 22;
+const ENGINE_CPU: c_int = 1;
+const STREAM_IN_ORDER: u32 = 1;
+const QUERY_IMPL_INFO_STR: c_int = 8;
+const ISA_AVX512_CORE_AMX: c_int = 0x3e7;
+const ARG_SRC: c_int = 1;
+const ARG_DST: c_int = 17;
+const ARG_WEIGHTS: c_int = 33;
+const RUNTIME_DIM: i64 = i64::MIN;
+
+/// `dnnl_memory_desc_t` of oneDNN 2.x is a 696-byte plain struct and `dnnl_matmul_desc_t` 2 800
+/// bytes (checked against the 2.6 headers); we only pass them by pointer, so room to spare is
+/// enough.
+#[repr(C, align(64))]
+struct MemoryDesc([u8; 1024]);
+#[repr(C, align(64))]
+struct MatmulDesc([u8; 4096]);
+
+#[repr(C)]
+struct ExecArg {
+    arg: c_int,
+    memory: Handle,
+}
+
+#[repr(C)]
+struct Version {
+    major: c_int,
+    minor: c_int,
+    patch: c_int,
+    hash: *const c_char,
+    cpu_runtime: u32,
+    gpu_runtime: u32,
+}
+
+struct Api {
+    version: unsafe extern "C" fn() -> *const Version,
+    set_max_cpu_isa: unsafe extern "C" fn(c_int) -> Status,
+    engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status,
+    stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> Status,
+    stream_wait: unsafe extern "C" fn(Handle) -> Status,
+    md_init_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
+    matmul_desc_init: unsafe extern "C" fn(
+        *mut MatmulDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+    ) -> Status,
+    pd_create:
+        unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
+    pd_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> Status,
+    pd_destroy: unsafe extern "C" fn(Handle) -> Status,
+    primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
+    primitive_execute: unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> Status,
+    memory_create: unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, *mut c_void) -> Status,
+    memory_destroy: unsafe extern "C" fn(Handle) -> Status,
+}
+
+/// One matmul primitive: `[M, K] · [K, N]` (weights stored `[N, K]`, PyTorch's layout) with M
+/// given at execution.
+struct Primitive {
+    primitive: Handle,
+    implementation: String,
+}
+
+struct OneDnn {
+    api: Api,
+    engine: Handle,
+    stream: Handle,
+    version: String,
+    /// (K, N, input dtype, output dtype) → primitive; every call runs under this lock (oneDNN
+    /// spreads one matmul over all cores itself).
+    primitives: Mutex<HashMap<(usize, usize, c_int, c_int), Primitive>>,
+    _lib: libloading::Library,
+}
+
+// SAFETY: the engine, stream and primitives are only used under `primitives`' lock.
+unsafe impl Send for OneDnn {}
+unsafe impl Sync for OneDnn {}
+
+/// Which path CPU bf16 matmuls take, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuBf16 {
+    /// oneDNN multiplies bf16 × bf16 in f32; `implementation` is its kernel name (e.g.
+    /// `brg:avx512_core_amx`).
+    OneDnn {
+        version: String,
+        implementation: String,
+    },
+    /// candle's path: operands widened to f32 per matmul.
+    Widened { reason: String },
+}
+
+impl CpuBf16 {
+    /// Whether bf16 matmuls run on the CPU's matrix units (AMX tiles).
+    pub fn on_amx(&self) -> bool {
+        matches!(self, CpuBf16::OneDnn { implementation, .. } if implementation.contains("amx"))
+    }
+}
+
+impl std::fmt::Display for CpuBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuBf16::OneDnn {
+                version,
+                implementation,
+            } => write!(f, "oneDNN {version} ({implementation})"),
+            CpuBf16::Widened { reason } => write!(f, "widened to f32 ({reason})"),
+        }
+    }
+}
+
+static STATE: OnceLock<(Option<OneDnn>, CpuBf16)> = OnceLock::new();
+
+fn state() -> &'static (Option<OneDnn>, CpuBf16) {
+    STATE.get_or_init(|| match load() {
+        Ok(dnn) => match dnn.probe(DT_BF16, DT_BF16) {
+            Ok(implementation) => {
+                let status = CpuBf16::OneDnn {
+                    version: dnn.version.clone(),
+                    implementation,
+                };
+                (Some(dnn), status)
+            }
+            Err(e) => {
+                let reason = format!("oneDNN {} has no bf16 matmul for this CPU: {e}", dnn.version);
+                (Some(dnn), CpuBf16::Widened { reason })
+            }
+        },
+        Err(reason) => (None, CpuBf16::Widened { reason }),
+    })
+}
+
+/// The path CPU bf16 matmuls take (loads oneDNN on first use).
+pub fn cpu_bf16() -> &'static CpuBf16 {
+    &state().1
+}
+
+fn load() -> Result<OneDnn, String> {
+    if let Ok(v) = std::env::var("SANA_ONEDNN") {
+        if matches!(v.as_str(), "0" | "off" | "false" | "no") {
+            return Err("SANA_ONEDNN=off".into());
+        }
+    }
+    let names = ["libdnnl.so.2", "libdnnl.so"];
+    let lib = names
+        .iter()
+        .find_map(|n| unsafe { libloading::Library::new(*n) }.ok())
+        .ok_or_else(|| "libdnnl.so.2 not found (install libdnnl2)".to_string())?;
+    macro_rules! sym {
+        ($name:literal) => {
+            *unsafe { lib.get($name) }
+                .map_err(|e| format!("oneDNN lacks {}: {e}", String::from_utf8_lossy($name)))?
+        };
+    }
+    let api = Api {
+        version: sym!(b"dnnl_version"),
+        set_max_cpu_isa: sym!(b"dnnl_set_max_cpu_isa"),
+        engine_create: sym!(b"dnnl_engine_create"),
+        stream_create: sym!(b"dnnl_stream_create"),
+        stream_wait: sym!(b"dnnl_stream_wait"),
+        md_init_by_tag: sym!(b"dnnl_memory_desc_init_by_tag"),
+        matmul_desc_init: sym!(b"dnnl_matmul_desc_init"),
+        pd_create: sym!(b"dnnl_primitive_desc_create"),
+        pd_query: sym!(b"dnnl_primitive_desc_query"),
+        pd_destroy: sym!(b"dnnl_primitive_desc_destroy"),
+        primitive_create: sym!(b"dnnl_primitive_create"),
+        primitive_execute: sym!(b"dnnl_primitive_execute"),
+        memory_create: sym!(b"dnnl_memory_create"),
+        memory_destroy: sym!(b"dnnl_memory_destroy"),
+    };
+    // SAFETY: dnnl_version returns a pointer to a static struct.
+    let v = unsafe { &*(api.version)() };
+    let version = format!("{}.{}.{}", v.major, v.minor, v.patch);
+    if v.major != 2 {
+        return Err(format!(
+            "oneDNN {version} found; this build speaks the 2.x C API (libdnnl.so.2)"
+        ));
+    }
+    if std::env::var_os("ONEDNN_MAX_CPU_ISA").is_none()
+        && std::env::var_os("DNNL_MAX_CPU_ISA").is_none()
+    {
+        // Only allowed before the first primitive; a failure leaves oneDNN's own default.
+        let _ = unsafe { (api.set_max_cpu_isa)(ISA_AVX512_CORE_AMX) };
+    }
+    let mut engine: Handle = std::ptr::null_mut();
+    let mut stream: Handle = std::ptr::null_mut();
+    // SAFETY: out-pointers to locals; the engine outlives the stream (both live in `OneDnn`,
+    // which is never dropped: it is a static).
+    unsafe {
+        check((api.engine_create)(&mut engine, ENGINE_CPU, 0), "engine")?;
+        check((api.stream_create)(&mut stream, engine, STREAM_IN_ORDER), "stream")?;
+    }
+    Ok(OneDnn {
+        api,
+        engine,
+        stream,
+        version,
+        primitives: Mutex::new(HashMap::new()),
+        _lib: lib,
+    })
+}
+
+fn check(status: Status, what: &str) -> Result<(), String> {
+    match status {
+        SUCCESS => Ok(()),
+        3 => Err(format!("{what}: unimplemented")),
+        s => Err(format!("{what}: oneDNN status {s}")),
+    }
+}
+
+fn dtype_code(dtype: DType) -> Option<c_int> {
+    match dtype {
+        DType::BF16 => Some(DT_BF16),
+        DType::F32 => Some(DT_F32),
+        _ => None,
+    }
+}
+
+impl OneDnn {
+    fn md(&self, rows: i64, cols: i64, dt: c_int, tag: c_int) -> Result<MemoryDesc, String> {
+        let mut md = MemoryDesc([0; 1024]);
+        let dims = [rows, cols, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        // SAFETY: dims has DNNL_MAX_NDIMS (12) entries; md is larger than dnnl_memory_desc_t.
+        check(
+            unsafe { (self.api.md_init_by_tag)(&mut md, 2, dims.as_ptr(), dt, tag) },
+            "memory descriptor",
+        )?;
+        Ok(md)
+    }
+
+    fn build(&self, k: usize, n: usize, src: c_int, dst: c_int) -> Result<Primitive, String> {
+        let (k, n) = (k as i64, n as i64);
+        let a = self.md(RUNTIME_DIM, k, src, TAG_AB)?;
+        let w = self.md(k, n, src, TAG_BA)?;
+        let c = self.md(RUNTIME_DIM, n, dst, TAG_AB)?;
+        let mut desc = MatmulDesc([0; 4096]);
+        let mut pd: Handle = std::ptr::null_mut();
+        let mut primitive: Handle = std::ptr::null_mut();
+        let mut implementation: *const c_char = std::ptr::null();
+        // SAFETY: descriptors are initialised above; out-pointers to locals.
+        unsafe {
+            check(
+                (self.api.matmul_desc_init)(&mut desc, &a, &w, std::ptr::null(), &c),
+                "matmul descriptor",
+            )?;
+            check(
+                (self.api.pd_create)(
+                    &mut pd,
+                    (&desc as *const MatmulDesc).cast(),
+                    std::ptr::null_mut(),
+                    self.engine,
+                    std::ptr::null_mut(),
+                ),
+                "matmul",
+            )?;
+            let _ = (self.api.pd_query)(
+                pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                (&mut implementation as *mut *const c_char).cast(),
+            );
+            let implementation = if implementation.is_null() {
+                "?".to_string()
+            } else {
+                CStr::from_ptr(implementation).to_string_lossy().into_owned()
+            };
+            let made = check((self.api.primitive_create)(&mut primitive, pd), "primitive");
+            (self.api.pd_destroy)(pd);
+            made?;
+            Ok(Primitive {
+                primitive,
+                implementation,
+            })
+        }
+    }
+
+    /// Builds (and caches) a small primitive: whether this oneDNN has the kernel, and its name.
+    fn probe(&self, src: c_int, dst: c_int) -> Result<String, String> {
+        let mut cache = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&(64, 64, src, dst)) {
+            return Ok(p.implementation.clone());
+        }
+        let p = self.build(64, 64, src, dst)?;
+        let name = p.implementation.clone();
+        cache.insert((64, 64, src, dst), p);
+        Ok(name)
+    }
+
+    /// `out[M, N] = a[M, K] · w[N, K]ᵀ`, f32 accumulation.
+    ///
+    /// # Safety
+    /// `a` holds M·K and `w` N·K elements of the `src` dtype, `out` M·N of the `dst` dtype.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul(
+        &self,
+        a: *const c_void,
+        w: *const c_void,
+        out: *mut c_void,
+        (m, k, n): (usize, usize, usize),
+        src: c_int,
+        dst: c_int,
+    ) -> Result<(), String> {
+        let mut cache = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.contains_key(&(k, n, src, dst)) {
+            let p = self.build(k, n, src, dst)?;
+            cache.insert((k, n, src, dst), p);
+        }
+        let primitive = cache[&(k, n, src, dst)].primitive;
+        let a_md = self.md(m as i64, k as i64, src, TAG_AB)?;
+        let w_md = self.md(k as i64, n as i64, src, TAG_BA)?;
+        let c_md = self.md(m as i64, n as i64, dst, TAG_AB)?;
+        let mut mems: [Handle; 3] = [std::ptr::null_mut(); 3];
+        let mut result = Ok(());
+        for (slot, (md, ptr)) in mems
+            .iter_mut()
+            .zip([(&a_md, a as *mut c_void), (&w_md, w as *mut c_void), (&c_md, out)])
+        {
+            // SAFETY: oneDNN wraps the caller's buffers (it never frees them).
+            result = check(
+                unsafe { (self.api.memory_create)(slot, md, self.engine, ptr) },
+                "memory",
+            );
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            let args = [
+                ExecArg { arg: ARG_SRC, memory: mems[0] },
+                ExecArg { arg: ARG_WEIGHTS, memory: mems[1] },
+                ExecArg { arg: ARG_DST, memory: mems[2] },
+            ];
+            // SAFETY: the primitive takes exactly these three arguments.
+            result = unsafe {
+                check(
+                    (self.api.primitive_execute)(primitive, self.stream, 3, args.as_ptr()),
+                    "execute",
+                )
+                .and_then(|()| check((self.api.stream_wait)(self.stream), "wait"))
+            };
+        }
+        for m in mems.into_iter().filter(|m| !m.is_null()) {
+            // SAFETY: created above; destroying a memory object leaves the user's buffer alone.
+            unsafe { (self.api.memory_destroy)(m) };
+        }
+        result
+    }
+}
+
+/// `x[M, K] · w[N, K]ᵀ` through oneDNN, in `out_dtype`.
+struct OneDnnMatmul {
+    out_dtype: DType,
+}
+
+impl CustomOp2 for OneDnnMatmul {
+    fn name(&self) -> &'static str {
+        "onednn-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dnn = state().0.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!("onednn-matmul: {}", cpu_bf16()))
+        })?;
+        let ((m, k), (n, k2)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != k2 || !xl.is_contiguous() || !wl.is_contiguous() {
+            candle_core::bail!("onednn-matmul: contiguous [M, K] · [N, K] needed, got {:?} and {:?}", xl.shape(), wl.shape())
+        }
+        let (xo, wo) = (xl.start_offset(), wl.start_offset());
+        let (a, w, src): (*const c_void, *const c_void, c_int) = match (xs, ws) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => (
+                x[xo..][..m * k].as_ptr().cast(),
+                w[wo..][..n * k].as_ptr().cast(),
+                DT_BF16,
+            ),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => (
+                x[xo..][..m * k].as_ptr().cast(),
+                w[wo..][..n * k].as_ptr().cast(),
+                DT_F32,
+            ),
+            _ => candle_core::bail!("onednn-matmul: bf16 or f32 operands of one dtype needed"),
+        };
+        let dst = dtype_code(self.out_dtype)
+            .ok_or_else(|| candle_core::Error::Msg("onednn-matmul: bf16 or f32 output".into()))?;
+        let shape = Shape::from((m, n));
+        let run = |out: *mut c_void| {
+            // SAFETY: slices sized above; `out` has m·n elements of the output dtype.
+            unsafe { dnn.matmul(a, w, out, (m, k, n), src, dst) }
+                .map_err(|e| candle_core::Error::Msg(format!("onednn-matmul: {e}")))
+        };
+        let out = match self.out_dtype {
+            DType::BF16 => {
+                let mut o = vec![half::bf16::ZERO; m * n];
+                run(o.as_mut_ptr().cast())?;
+                CpuStorage::BF16(o)
+            }
+            _ => {
+                let mut o = vec![0f32; m * n];
+                run(o.as_mut_ptr().cast())?;
+                CpuStorage::F32(o)
+            }
+        };
+        Ok((out, shape))
+    }
+}
+
+/// `x[M, K] · w[N, K]ᵀ` (PyTorch's `linear` without bias) in x's dtype. CPU bf16 goes through
+/// oneDNN when [`cpu_bf16`] says so; everything else through candle's matmul.
+///
+/// Mixed precision (f32 `x`, bf16 `w`, the CPU's bf16 mode): oneDNN takes `x` rounded to bf16 and
+/// writes f32; without it the weight is widened to f32 for the call. The result is f32.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if matmul_nt_on_onednn(x, w) {
+        return x.to_dtype(DType::BF16)?.contiguous()?.apply_op2_no_bwd(
+            &w.contiguous()?,
+            &OneDnnMatmul {
+                out_dtype: x.dtype(),
+            },
+        );
+    }
+    if x.dtype() != w.dtype() {
+        let dtype = if x.dtype() == DType::F32 { DType::F32 } else { w.dtype() };
+        return x.to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?.t()?);
+    }
+    x.matmul(&w.t()?)
+}
+
+/// Whether [`matmul_nt`] of these operands runs on oneDNN (CPU, bf16 weights, oneDNN with a bf16
+/// kernel).
+pub fn matmul_nt_on_onednn(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::BF16 | DType::F32)
+        && w.dtype() == DType::BF16
+        && matches!(cpu_bf16(), CpuBf16::OneDnn { .. })
+}
+
+/// [`matmul_nt`] forced through oneDNN (any dtype it takes: f32, bf16) with `out_dtype`, for
+/// tests and benchmarks; an error when oneDNN is not loaded or lacks the kernel.
+pub fn onednn_matmul_nt(x: &Tensor, w: &Tensor, out_dtype: DType) -> candle_core::Result<Tensor> {
+    let dnn = state()
+        .0
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg(format!("oneDNN: {}", cpu_bf16())))?;
+    let src = dtype_code(x.dtype()).ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
+    let dst = dtype_code(out_dtype).ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
+    dnn.probe(src, dst).map_err(candle_core::Error::Msg)?;
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &OneDnnMatmul { out_dtype })
+}
+
+/// Whether oneDNN is loaded at all (whatever its bf16 support).
+pub fn onednn_loaded() -> bool {
+    state().0.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The binding itself, on any CPU where libdnnl2 is installed: f32 through oneDNN equals
+    /// candle's f32 matmul, for several shapes through one cached primitive per (K, N).
+    #[test]
+    fn onednn_f32_matmul_equals_candle() -> candle_core::Result<()> {
+        if !onednn_loaded() {
+            // Only acceptable when the library is absent (or switched off): an installed
+            // libdnnl.so.2 that does not load is a bug (scripts/install-onednn.sh installs it).
+            let installed = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join("libdnnl.so.2").exists());
+            let off = std::env::var("SANA_ONEDNN").is_ok_and(|v| v == "off" || v == "0");
+            assert!(
+                !installed || off,
+                "libdnnl.so.2 is installed but did not load: {}",
+                cpu_bf16()
+            );
+            eprintln!("oneDNN not loaded ({}): binding not exercised", cpu_bf16());
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 8, 3), (37, 64, 96), (5, 64, 96), (300, 130, 17)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let want = x.matmul(&w.t()?)?;
+            let got = onednn_matmul_nt(&x, &w, DType::F32)?;
+            let (d, _) = sana_testing::max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "{m}x{k}x{n}: diff {d}");
+        }
+        Ok(())
+    }
+
+    /// bf16 × bf16: oneDNN's f32 accumulation equals the widened path up to the final rounding
+    /// (one bf16 ulp); when oneDNN has no bf16 kernel here, `matmul_nt` takes the widened path.
+    #[test]
+    fn bf16_matmul_equals_the_widened_path() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        eprintln!("CPU bf16 matmuls: {}", cpu_bf16());
+        for (m, k, n) in [(7, 64, 96), (256, 1152, 72)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(DType::BF16)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let want = x
+                .to_dtype(DType::F32)?
+                .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let got = matmul_nt(&x, &w)?;
+            assert_eq!(got.dtype(), DType::BF16);
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let (d, _) = sana_testing::max_abs_diff(&got.to_dtype(DType::F32)?, &want);
+            assert!(d <= scale / 128.0, "{m}x{k}x{n}: diff {d} of max {scale}");
+            if matches!(cpu_bf16(), CpuBf16::OneDnn { .. }) {
+                let f32_out = onednn_matmul_nt(&x, &w, DType::F32)?;
+                let (d, _) = sana_testing::max_abs_diff(&f32_out, &want);
+                assert!(d <= scale * 1e-5, "{m}x{k}x{n}: f32 output diff {d}");
+            }
+        }
+        Ok(())
+    }
+}
