@@ -364,19 +364,21 @@ class Soak:
 
     def sample(self, label: str | None = None, keep=True) -> dict:
         pid = self.proc.pid
-        rss = fds = None
+        rss = fds = threads = None
         try:
             for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) / 1024
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
             fds = len(os.listdir(f"/proc/{pid}/fd"))
         except (OSError, ValueError):
             pass
         s = {"elapsed_s": round(time.time() - self.t0, 1), "requests": self.stats.total,
-             "rss_mib": None if rss is None else round(rss, 1), "fds": fds, "label": label}
+             "rss_mib": None if rss is None else round(rss, 1), "fds": fds, "threads": threads, "label": label}
         if keep:
             self.samples.append(s)
-        print(f"[{s['elapsed_s']:7.1f}s] requests={s['requests']:6d} rss={s['rss_mib']} MiB fds={fds}"
+        print(f"[{s['elapsed_s']:7.1f}s] requests={s['requests']:6d} rss={s['rss_mib']} MiB fds={fds} threads={threads}"
               + (f" ({label})" if label else ""), flush=True)
         return s
 
@@ -743,7 +745,8 @@ class Soak:
             windows.setdefault(int((s["elapsed_s"] - warm) // minute), []).append(s)
         last_whole = int((self.args.minutes * 60) // minute) - 1
         floors = [{"minute": k + 1, "samples": len(v), "floor_mib": min(x["rss_mib"] for x in v),
-                   "max_mib": max(x["rss_mib"] for x in v), "fds_max": max(x["fds"] for x in v)}
+                   "max_mib": max(x["rss_mib"] for x in v), "fds_max": max(x["fds"] for x in v),
+                   "threads_max": max((x["threads"] or 0) for x in v)}
                   for k, v in sorted(windows.items()) if k <= last_whole]
         out = {"minute_s": minute, "floors": floors, "ok": True, "reasons": []}
         if len(floors) < 2 or floors[0]["minute"] != 1:
@@ -1074,8 +1077,9 @@ class Soak:
         base = mem.get("baseline")
         if base:
             floors = " ".join(f"{f['floor_mib']:.0f}" for f in mem["floors"])
+            threads = " ".join(str(f["threads_max"]) for f in mem["floors"])
             print(f"memory: quiet RSS {mem['rss_min_mib']}..{mem['rss_max_mib']} MiB over {mem['quiet_samples']} quiet "
-                  f"samples; per-minute floors (MiB): {floors}; minute one {base['floor_mib']} MiB, later max "
+                  f"samples; per-minute floors (MiB): {floors}; server threads (per-minute max): {threads}; minute one {base['floor_mib']} MiB, later max "
                   f"{mem['rss_max_ratio']}x (limit 1.10; highest single sample {mem['raw_max_ratio']}x); fds "
                   f"{mem['fds_base']} -> max {mem['fds_max']} (limit {mem['fds_limit']}) -> "
                   f"{'ok' if mem['ok'] else 'FAIL'}")

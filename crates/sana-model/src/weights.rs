@@ -175,6 +175,30 @@ impl Checkpoint {
     }
 }
 
+/// An f32 tensor of the file as bf16 on the CPU, converted straight from the mapped bytes: no
+/// f32 copy first (Gemma's embedding table alone would be a 2.4 GB transient). `None` for other
+/// cases (the file's own dtype, other targets, other devices).
+fn f32_as_bf16(
+    st: &MmapedSafetensors,
+    name: &str,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if dtype != DType::BF16 || !dev.is_cpu() {
+        return Ok(None);
+    }
+    let view = st.get(name)?;
+    if DType::try_from(view.dtype()).ok() != Some(DType::F32) {
+        return Ok(None);
+    }
+    let values: Vec<half::bf16> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect();
+    Tensor::from_vec(values, view.shape(), dev).map(Some)
+}
+
 fn display_files(files: &[PathBuf]) -> String {
     match files {
         [one] => one.display().to_string(),
@@ -209,7 +233,10 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.0.st.load(name, dev)?.to_dtype(dtype)?;
+        let t = match f32_as_bf16(&self.0.st, name, dtype, dev)? {
+            Some(t) => t,
+            None => self.0.st.load(name, dev)?.to_dtype(dtype)?,
+        };
         self.0
             .used
             .lock()
@@ -306,7 +333,11 @@ impl SimpleBackend for RandomWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        Tensor::randn(0f32, self.std as f32, s, dev)?.to_dtype(dtype)
+        match dtype {
+            // drawn in bf16: no f32 transient of each (large) tensor
+            DType::BF16 => Tensor::randn(half::bf16::ZERO, half::bf16::from_f64(self.std), s, dev),
+            _ => Tensor::randn(0f32, self.std as f32, s, dev)?.to_dtype(dtype),
+        }
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {

@@ -127,6 +127,16 @@ impl Resolved {
     ) -> Result<SanaPipeline> {
         let mut opts = LoadOptions::new(device.clone());
         opts.precision = parse_precision(dtype)?.or_else(|| cpu_auto_precision(device));
+        if device.is_cpu()
+            && opts
+                .precision
+                .is_some_and(|p| [p.transformer, p.text_encoder, p.vae].contains(&DType::BF16))
+        {
+            tracing::info!(
+                "CPU bf16: bf16 weight matrices, f32 activations; matmuls by {}",
+                sana_model::ops::cpu_bf16_status()
+            );
+        }
         opts.variant = variant.map(str::to_string);
         match self {
             Resolved::Folder(root) => SanaPipeline::load(root, &opts)
@@ -161,7 +171,9 @@ pub fn cpu_auto_precision(device: &Device) -> Option<Precision> {
     }
     let path = sana_model::ops::cpu_bf16_status();
     if path.on_amx() {
-        tracing::info!("--dtype auto on this CPU: bf16 weights, matmuls by {path} (--dtype f32 to opt out)");
+        tracing::info!(
+            "--dtype auto on this CPU: bf16, its AMX tiles reached (--dtype f32 to opt out)"
+        );
         Some(Precision {
             transformer: DType::BF16,
             text_encoder: DType::BF16,

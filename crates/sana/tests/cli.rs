@@ -550,6 +550,60 @@ fn serve_streams_partial_images_then_the_images() {
     }
 }
 
+/// `--dtype bf16` on the CPU with oneDNN switched off (the path of a CPU without AMX or
+/// AVX512-BF16): it says so, and its image shows the scene the f32 one shows.
+#[test]
+fn generate_in_bf16_on_the_cpu_without_onednn_shows_the_f32_scene() {
+    let run = |dtype: &str| {
+        let out =
+            std::env::temp_dir().join(format!("sana-cli-bf16-{dtype}-{}.png", std::process::id()));
+        let run = sana()
+            .args([
+                "generate",
+                "--prompt",
+                "a small blue circle at the top on a black background",
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--dtype",
+                dtype,
+            ])
+            .arg("--output")
+            .arg(&out)
+            .env("SANA_CACHE_DIR", cache_dir("bf16"))
+            .env("SANA_ONEDNN", "off")
+            .env("RUST_LOG", "info")
+            .env_remove("SANA_MODEL")
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(run.status.success(), "{stderr}");
+        (image::open(&out).unwrap().to_rgb8().into_raw(), stderr)
+    };
+    let (f32_img, _) = run("f32");
+    let (bf16_img, log) = run("bf16");
+    assert!(
+        log.contains("CPU bf16: bf16 weight matrices, f32 activations; matmuls by widened to f32 (SANA_ONEDNN=off)"),
+        "{log}"
+    );
+    let c = sana_testing::compare_u8(&bf16_img, &f32_img).unwrap();
+    eprintln!(
+        "bf16 vs f32: max {}/255, {} of {} values differ",
+        c.max_abs_diff, c.differing, c.len
+    );
+    // The model's own bar: the same scene (the issue's: scores within 2 points over 100 prompts,
+    // `sana-scenes` held_out_scores_in_bf16_stay_within_2_points_of_f32). Single pixels on a
+    // shape's edge may flip, so no per-pixel bound here.
+    let scene = |img: &[u8]| {
+        let found = sana_scenes::check(img, 64, 64);
+        let objects: Vec<_> = found.objects.iter().map(|o| o.object.clone()).collect();
+        (found.background, objects)
+    };
+    assert_eq!(scene(&bf16_img), scene(&f32_img));
+}
+
 #[test]
 fn generate_uses_the_embedded_model_by_default() {
     let out = std::env::temp_dir().join(format!("sana-cli-embedded-{}.png", std::process::id()));

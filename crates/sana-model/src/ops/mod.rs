@@ -38,7 +38,10 @@ use candle_core::{CpuStorage, DType, Layout, Result};
 pub use depthwise::{depthwise_conv2d, glu_depthwise_conv2d, glu_depthwise_conv2d_nhwc};
 pub(crate) use im2col::CpuConv;
 pub use linear_attention::{linear_attention, linear_attention_tensor_ops};
-pub use onednn::{cpu_bf16 as cpu_bf16_status, matmul_nt, matmul_nt_on_onednn, onednn_loaded, onednn_matmul_nt, CpuBf16};
+pub use onednn::{
+    cpu_bf16 as cpu_bf16_status, matmul_nt, matmul_nt_on_onednn, onednn_loaded, onednn_matmul_nt,
+    CpuBf16,
+};
 pub(crate) use rms_norm::CpuRmsNorm;
 pub(crate) use winograd::WINOGRAD_BAND_VALUES;
 

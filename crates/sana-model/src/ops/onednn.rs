@@ -36,7 +36,8 @@ const ISA_AVX512_CORE_AMX: c_int = 0x3e7;
 const ARG_SRC: c_int = 1;
 const ARG_DST: c_int = 17;
 const ARG_WEIGHTS: c_int = 33;
-const RUNTIME_DIM: i64 = i64::MIN;
+/// Primitives kept (one per matmul shape); past it the cache starts again.
+const MAX_PRIMITIVES: usize = 1024;
 
 /// `dnnl_memory_desc_t` of oneDNN 2.x is a 696-byte plain struct and `dnnl_matmul_desc_t` 2 800
 /// bytes (checked against the 2.6 headers); we only pass them by pointer, so room to spare is
@@ -68,7 +69,8 @@ struct Api {
     engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status,
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> Status,
     stream_wait: unsafe extern "C" fn(Handle) -> Status,
-    md_init_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
+    md_init_by_tag:
+        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
     matmul_desc_init: unsafe extern "C" fn(
         *mut MatmulDesc,
         *const MemoryDesc,
@@ -76,31 +78,34 @@ struct Api {
         *const MemoryDesc,
         *const MemoryDesc,
     ) -> Status,
-    pd_create:
-        unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
+    pd_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
     pd_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> Status,
     pd_destroy: unsafe extern "C" fn(Handle) -> Status,
     primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
+    primitive_destroy: unsafe extern "C" fn(Handle) -> Status,
     primitive_execute: unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> Status,
-    memory_create: unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, *mut c_void) -> Status,
+    memory_create:
+        unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, *mut c_void) -> Status,
     memory_destroy: unsafe extern "C" fn(Handle) -> Status,
 }
 
-/// One matmul primitive: `[M, K] · [K, N]` (weights stored `[N, K]`, PyTorch's layout) with M
-/// given at execution.
+/// One matmul primitive: `[M, K] · [K, N]` (weights stored `[N, K]`, PyTorch's layout). Shapes
+/// are fixed when it is built (oneDNN 2.x's AMX matmul takes no run-time dimensions).
 struct Primitive {
     primitive: Handle,
     implementation: String,
 }
+
+type Key = (usize, usize, usize, c_int, c_int);
 
 struct OneDnn {
     api: Api,
     engine: Handle,
     stream: Handle,
     version: String,
-    /// (K, N, input dtype, output dtype) → primitive; every call runs under this lock (oneDNN
+    /// (M, K, N, input dtype, output dtype) → primitive; every call runs under this lock (oneDNN
     /// spreads one matmul over all cores itself).
-    primitives: Mutex<HashMap<(usize, usize, c_int, c_int), Primitive>>,
+    primitives: Mutex<HashMap<Key, Primitive>>,
     _lib: libloading::Library,
 }
 
@@ -144,7 +149,11 @@ static STATE: OnceLock<(Option<OneDnn>, CpuBf16)> = OnceLock::new();
 
 fn state() -> &'static (Option<OneDnn>, CpuBf16) {
     STATE.get_or_init(|| match load() {
-        Ok(dnn) => match dnn.probe(DT_BF16, DT_BF16) {
+        // Both kinds in use: bf16 → f32 (f32 activations) and bf16 → bf16.
+        Ok(dnn) => match dnn
+            .probe(DT_BF16, DT_BF16)
+            .and_then(|_| dnn.probe(DT_BF16, DT_F32))
+        {
             Ok(implementation) => {
                 let status = CpuBf16::OneDnn {
                     version: dnn.version.clone(),
@@ -153,7 +162,10 @@ fn state() -> &'static (Option<OneDnn>, CpuBf16) {
                 (Some(dnn), status)
             }
             Err(e) => {
-                let reason = format!("oneDNN {} has no bf16 matmul for this CPU: {e}", dnn.version);
+                let reason = format!(
+                    "oneDNN {} has no bf16 matmul for this CPU: {e}",
+                    dnn.version
+                );
                 (Some(dnn), CpuBf16::Widened { reason })
             }
         },
@@ -195,6 +207,7 @@ fn load() -> Result<OneDnn, String> {
         pd_query: sym!(b"dnnl_primitive_desc_query"),
         pd_destroy: sym!(b"dnnl_primitive_desc_destroy"),
         primitive_create: sym!(b"dnnl_primitive_create"),
+        primitive_destroy: sym!(b"dnnl_primitive_destroy"),
         primitive_execute: sym!(b"dnnl_primitive_execute"),
         memory_create: sym!(b"dnnl_memory_create"),
         memory_destroy: sym!(b"dnnl_memory_destroy"),
@@ -219,7 +232,10 @@ fn load() -> Result<OneDnn, String> {
     // which is never dropped: it is a static).
     unsafe {
         check((api.engine_create)(&mut engine, ENGINE_CPU, 0), "engine")?;
-        check((api.stream_create)(&mut stream, engine, STREAM_IN_ORDER), "stream")?;
+        check(
+            (api.stream_create)(&mut stream, engine, STREAM_IN_ORDER),
+            "stream",
+        )?;
     }
     Ok(OneDnn {
         api,
@@ -259,11 +275,11 @@ impl OneDnn {
         Ok(md)
     }
 
-    fn build(&self, k: usize, n: usize, src: c_int, dst: c_int) -> Result<Primitive, String> {
-        let (k, n) = (k as i64, n as i64);
-        let a = self.md(RUNTIME_DIM, k, src, TAG_AB)?;
+    fn build(&self, (m, k, n, src, dst): Key) -> Result<Primitive, String> {
+        let (m, k, n) = (m as i64, k as i64, n as i64);
+        let a = self.md(m, k, src, TAG_AB)?;
         let w = self.md(k, n, src, TAG_BA)?;
-        let c = self.md(RUNTIME_DIM, n, dst, TAG_AB)?;
+        let c = self.md(m, n, dst, TAG_AB)?;
         let mut desc = MatmulDesc([0; 4096]);
         let mut pd: Handle = std::ptr::null_mut();
         let mut primitive: Handle = std::ptr::null_mut();
@@ -293,7 +309,9 @@ impl OneDnn {
             let implementation = if implementation.is_null() {
                 "?".to_string()
             } else {
-                CStr::from_ptr(implementation).to_string_lossy().into_owned()
+                CStr::from_ptr(implementation)
+                    .to_string_lossy()
+                    .into_owned()
             };
             let made = check((self.api.primitive_create)(&mut primitive, pd), "primitive");
             (self.api.pd_destroy)(pd);
@@ -308,13 +326,29 @@ impl OneDnn {
     /// Builds (and caches) a small primitive: whether this oneDNN has the kernel, and its name.
     fn probe(&self, src: c_int, dst: c_int) -> Result<String, String> {
         let mut cache = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = cache.get(&(64, 64, src, dst)) {
-            return Ok(p.implementation.clone());
+        Ok(self
+            .cached(&mut cache, (64, 64, 64, src, dst))?
+            .implementation
+            .clone())
+    }
+
+    /// The primitive for `key`, built on first use.
+    fn cached<'a>(
+        &self,
+        cache: &'a mut HashMap<Key, Primitive>,
+        key: Key,
+    ) -> Result<&'a Primitive, String> {
+        if !cache.contains_key(&key) {
+            if cache.len() >= MAX_PRIMITIVES {
+                for (_, p) in cache.drain() {
+                    // SAFETY: built by us, not executing (we hold the lock).
+                    unsafe { (self.api.primitive_destroy)(p.primitive) };
+                }
+            }
+            let p = self.build(key)?;
+            cache.insert(key, p);
         }
-        let p = self.build(64, 64, src, dst)?;
-        let name = p.implementation.clone();
-        cache.insert((64, 64, src, dst), p);
-        Ok(name)
+        Ok(&cache[&key])
     }
 
     /// `out[M, N] = a[M, K] · w[N, K]ᵀ`, f32 accumulation.
@@ -332,20 +366,17 @@ impl OneDnn {
         dst: c_int,
     ) -> Result<(), String> {
         let mut cache = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache.contains_key(&(k, n, src, dst)) {
-            let p = self.build(k, n, src, dst)?;
-            cache.insert((k, n, src, dst), p);
-        }
-        let primitive = cache[&(k, n, src, dst)].primitive;
+        let primitive = self.cached(&mut cache, (m, k, n, src, dst))?.primitive;
         let a_md = self.md(m as i64, k as i64, src, TAG_AB)?;
         let w_md = self.md(k as i64, n as i64, src, TAG_BA)?;
         let c_md = self.md(m as i64, n as i64, dst, TAG_AB)?;
         let mut mems: [Handle; 3] = [std::ptr::null_mut(); 3];
         let mut result = Ok(());
-        for (slot, (md, ptr)) in mems
-            .iter_mut()
-            .zip([(&a_md, a as *mut c_void), (&w_md, w as *mut c_void), (&c_md, out)])
-        {
+        for (slot, (md, ptr)) in mems.iter_mut().zip([
+            (&a_md, a as *mut c_void),
+            (&w_md, w as *mut c_void),
+            (&c_md, out),
+        ]) {
             // SAFETY: oneDNN wraps the caller's buffers (it never frees them).
             result = check(
                 unsafe { (self.api.memory_create)(slot, md, self.engine, ptr) },
@@ -357,9 +388,18 @@ impl OneDnn {
         }
         if result.is_ok() {
             let args = [
-                ExecArg { arg: ARG_SRC, memory: mems[0] },
-                ExecArg { arg: ARG_WEIGHTS, memory: mems[1] },
-                ExecArg { arg: ARG_DST, memory: mems[2] },
+                ExecArg {
+                    arg: ARG_SRC,
+                    memory: mems[0],
+                },
+                ExecArg {
+                    arg: ARG_WEIGHTS,
+                    memory: mems[1],
+                },
+                ExecArg {
+                    arg: ARG_DST,
+                    memory: mems[2],
+                },
             ];
             // SAFETY: the primitive takes exactly these three arguments.
             result = unsafe {
@@ -395,12 +435,17 @@ impl CustomOp2 for OneDnnMatmul {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dnn = state().0.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg(format!("onednn-matmul: {}", cpu_bf16()))
-        })?;
+        let dnn = state()
+            .0
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg(format!("onednn-matmul: {}", cpu_bf16())))?;
         let ((m, k), (n, k2)) = (xl.shape().dims2()?, wl.shape().dims2()?);
         if k != k2 || !xl.is_contiguous() || !wl.is_contiguous() {
-            candle_core::bail!("onednn-matmul: contiguous [M, K] · [N, K] needed, got {:?} and {:?}", xl.shape(), wl.shape())
+            candle_core::bail!(
+                "onednn-matmul: contiguous [M, K] · [N, K] needed, got {:?} and {:?}",
+                xl.shape(),
+                wl.shape()
+            )
         }
         let (xo, wo) = (xl.start_offset(), wl.start_offset());
         let (a, w, src): (*const c_void, *const c_void, c_int) = match (xs, ws) {
@@ -447,15 +492,27 @@ impl CustomOp2 for OneDnnMatmul {
 /// writes f32; without it the weight is widened to f32 for the call. The result is f32.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if matmul_nt_on_onednn(x, w) {
-        return x.to_dtype(DType::BF16)?.contiguous()?.apply_op2_no_bwd(
+        let out = x.to_dtype(DType::BF16)?.contiguous()?.apply_op2_no_bwd(
             &w.contiguous()?,
             &OneDnnMatmul {
                 out_dtype: x.dtype(),
             },
         );
+        match out {
+            Ok(y) => return Ok(y),
+            // A shape oneDNN refuses takes the widened path (logged once).
+            Err(e) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| tracing::warn!("oneDNN matmul failed, widening instead: {e}"));
+            }
+        }
     }
     if x.dtype() != w.dtype() {
-        let dtype = if x.dtype() == DType::F32 { DType::F32 } else { w.dtype() };
+        let dtype = if x.dtype() == DType::F32 {
+            DType::F32
+        } else {
+            w.dtype()
+        };
         return x.to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?.t()?);
     }
     x.matmul(&w.t()?)
@@ -477,8 +534,10 @@ pub fn onednn_matmul_nt(x: &Tensor, w: &Tensor, out_dtype: DType) -> candle_core
         .0
         .as_ref()
         .ok_or_else(|| candle_core::Error::Msg(format!("oneDNN: {}", cpu_bf16())))?;
-    let src = dtype_code(x.dtype()).ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
-    let dst = dtype_code(out_dtype).ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
+    let src = dtype_code(x.dtype())
+        .ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
+    let dst = dtype_code(out_dtype)
+        .ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
     dnn.probe(src, dst).map_err(candle_core::Error::Msg)?;
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &OneDnnMatmul { out_dtype })
@@ -495,15 +554,20 @@ mod tests {
     use candle_core::Device;
 
     /// The binding itself, on any CPU where libdnnl2 is installed: f32 through oneDNN equals
-    /// candle's f32 matmul, for several shapes through one cached primitive per (K, N).
+    /// candle's f32 matmul, for several shapes (one cached primitive each).
     #[test]
     fn onednn_f32_matmul_equals_candle() -> candle_core::Result<()> {
         if !onednn_loaded() {
             // Only acceptable when the library is absent (or switched off): an installed
             // libdnnl.so.2 that does not load is a bug (scripts/install-onednn.sh installs it).
-            let installed = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
-                .iter()
-                .any(|d| std::path::Path::new(d).join("libdnnl.so.2").exists());
+            let installed = [
+                "/usr/lib/x86_64-linux-gnu",
+                "/usr/lib64",
+                "/usr/lib",
+                "/usr/local/lib",
+            ]
+            .iter()
+            .any(|d| std::path::Path::new(d).join("libdnnl.so.2").exists());
             let off = std::env::var("SANA_ONEDNN").is_ok_and(|v| v == "off" || v == "0");
             assert!(
                 !installed || off,

@@ -49,14 +49,15 @@ impl Module for Proj {
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("input has at least one dim") = out_dim;
         let x = x.contiguous()?.reshape((rows, in_dim))?;
-        let y = if crate::ops::matmul_nt_on_onednn(&x, &self.weight)
-            || x.dtype() != self.weight.dtype()
-        {
-            crate::ops::matmul_nt(&x, &self.weight)?
-        } else if rows <= 128 || in_dim > out_dim {
-            self.weight.matmul(&x.t()?)?.t()?.contiguous()? // [out, rows] → [rows, out]
+        if crate::ops::matmul_nt_on_onednn(&x, &self.weight) {
+            return crate::ops::matmul_nt(&x, &self.weight)?.reshape(out_dims);
+        }
+        // CPU mixed precision without oneDNN: the bf16 weight widened for this call.
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = if rows <= 128 || in_dim > out_dim {
+            w.matmul(&x.t()?)?.t()?.contiguous()? // [out, rows] → [rows, out]
         } else {
-            x.matmul(&self.weight.t()?)?
+            x.matmul(&w.t()?)?
         };
         y.reshape(out_dims)
     }

@@ -272,8 +272,11 @@ impl GluMbConv {
         let (b, n, d) = x.dims3()?;
         let at = |part| site::block(ctx.block, part);
         // 1. 1×1 expansion without its bias: [B·N, D] · [D, 2Hf] → [B, h, w, 2Hf].
-        let pre = matmul_nt(&x.reshape((b * n, d))?, &self.w.inverted_w)?
-            .reshape((b, n, 2 * self.hidden))?;
+        let pre = matmul_nt(&x.reshape((b * n, d))?, &self.w.inverted_w)?.reshape((
+            b,
+            n,
+            2 * self.hidden,
+        ))?;
         let pre =
             ctx.lora
                 .apply(at(site::FF_INVERTED), x, pre)?

@@ -171,7 +171,10 @@ fn sprint_pipeline_equals_diffusers() {
 fn pipelines_in_bf16_on_cpu_stay_within_8_of_the_f32_reference() {
     eprintln!("CPU bf16 matmuls: {}", sana_model::ops::cpu_bf16_status());
     let cases: [(&str, &[&str]); 2] = [
-        ("sana", &["dpm_binning_instruction", "euler_exact_size_no_instruction"]),
+        (
+            "sana",
+            &["dpm_binning_instruction", "euler_exact_size_no_instruction"],
+        ),
         ("sprint", &["scm_one_step"]),
     ];
     for (name, names) in cases {
@@ -184,7 +187,12 @@ fn pipelines_in_bf16_on_cpu_stay_within_8_of_the_f32_reference() {
         let pipe = SanaPipeline::load(&assemble(name), &opts).unwrap();
         for case_name in names {
             let (req, reference) = case(name, case_name);
-            assert_pixels(&format!("{name} {case_name} bf16"), &run(&pipe, &req), &reference, 8);
+            assert_pixels(
+                &format!("{name} {case_name} bf16"),
+                &run(&pipe, &req),
+                &reference,
+                8,
+            );
         }
     }
 }
@@ -258,8 +266,7 @@ fn bad_requests_are_refused_with_the_field() {
         .to_string();
     assert!(err.contains("size") && err.contains("32"), "{err}");
     let mut wrong = req.clone();
-    wrong.latents =
-        Some(Tensor::zeros((1, 8, 2, 3), DType::F32, &Device::Cpu).unwrap());
+    wrong.latents = Some(Tensor::zeros((1, 8, 2, 3), DType::F32, &Device::Cpu).unwrap());
     let err = pipe
         .generate(&wrong, &mut |_| Flow::Continue)
         .err()
@@ -357,4 +364,3 @@ fn backend_serves_batches_with_previews() {
         .unwrap_err();
     assert_eq!(err, sana_backend::BackendError::Cancelled);
 }
-

@@ -217,10 +217,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let cfg: SanaTransformerConfig = read_config(config)?;
             let name = config.file_stem().unwrap_or_default().to_string_lossy();
             if dtypes.iter().any(|d| d == "bf16") {
-                println!(
-                    "CPU bf16 matmuls: {}",
-                    sana_model::ops::cpu_bf16_status()
-                );
+                println!("CPU bf16 matmuls: {}", sana_model::ops::cpu_bf16_status());
             }
             for hw in latent {
                 let (h, w) = parse_hw(hw)?;
@@ -235,8 +232,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let model =
                         SanaTransformer2DModel::new(&cfg, random_var_builder(0.02, dtype, &dev))?;
                     let x = Tensor::randn(0f32, 1., (*batch, cfg.in_channels, h, w), &dev)?;
-                    let y = Tensor::randn(0f32, 1., (*batch, *text_len, cfg.caption_channels), &dev)?
-                        .to_dtype(dtype)?;
+                    let y =
+                        Tensor::randn(0f32, 1., (*batch, *text_len, cfg.caption_channels), &dev)?
+                            .to_dtype(dtype)?;
                     let mask = Tensor::ones((*batch, *text_len), DType::F32, &dev)?;
                     let t_value = if cfg.guidance_embeds { 0.5 } else { 500.0 };
                     let t = Tensor::full(t_value, *batch, &dev)?;
