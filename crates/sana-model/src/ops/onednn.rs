@@ -90,7 +90,7 @@ struct Api {
 }
 
 /// One matmul primitive: `[M, K] · [K, N]` (weights stored `[N, K]`, PyTorch's layout). Shapes
-/// are fixed when it is built (oneDNN 2.x's AMX matmul takes no run-time dimensions).
+/// are fixed when it is built: with run-time dimensions oneDNN may fall back to a generic kernel.
 struct Primitive {
     primitive: Handle,
     implementation: String,
