@@ -12,8 +12,9 @@
 //! widening path and gives the same values up to rounding. [`cpu_bf16`] says which path runs, and
 //! why.
 //!
-//! oneDNN 2.x kept AMX behind an opt-in; unless `ONEDNN_MAX_CPU_ISA` is set, we raise the ceiling
-//! to `AVX512_CORE_AMX` (`dnnl_set_max_cpu_isa`), which also asks Linux for the tile state.
+//! ISAs with "initial support" in a oneDNN release stay off unless asked for (its dispatcher docs),
+//! which may include AMX in 2.x; unless `ONEDNN_MAX_CPU_ISA` is set, we raise the ceiling to
+//! `AVX512_CORE_AMX` (`dnnl_set_max_cpu_isa`). Not yet run on an AMX CPU.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
