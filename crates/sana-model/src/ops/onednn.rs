@@ -95,6 +95,9 @@ struct Api {
 struct Primitive {
     primitive: Handle,
     implementation: String,
+    /// The descriptors it was built with (source, weights, destination), reused to wrap the
+    /// caller's buffers at each execution.
+    descs: Box<[MemoryDesc; 3]>,
 }
 
 type Key = (usize, usize, usize, c_int, c_int);
@@ -320,6 +323,7 @@ impl OneDnn {
             Ok(Primitive {
                 primitive,
                 implementation,
+                descs: Box::new([a, w, c]),
             })
         }
     }
@@ -367,16 +371,14 @@ impl OneDnn {
         dst: c_int,
     ) -> Result<(), String> {
         let mut cache = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
-        let primitive = self.cached(&mut cache, (m, k, n, src, dst))?.primitive;
-        let a_md = self.md(m as i64, k as i64, src, TAG_AB)?;
-        let w_md = self.md(k as i64, n as i64, src, TAG_BA)?;
-        let c_md = self.md(m as i64, n as i64, dst, TAG_AB)?;
+        let p = self.cached(&mut cache, (m, k, n, src, dst))?;
+        let (primitive, [a_md, w_md, c_md]) = (p.primitive, &*p.descs);
         let mut mems: [Handle; 3] = [std::ptr::null_mut(); 3];
         let mut result = Ok(());
         for (slot, (md, ptr)) in mems.iter_mut().zip([
-            (&a_md, a as *mut c_void),
-            (&w_md, w as *mut c_void),
-            (&c_md, out),
+            (a_md, a as *mut c_void),
+            (w_md, w as *mut c_void),
+            (c_md, out),
         ]) {
             // SAFETY: oneDNN wraps the caller's buffers (it never frees them).
             result = check(
@@ -531,15 +533,7 @@ pub fn matmul_nt_on_onednn(x: &Tensor, w: &Tensor) -> bool {
 /// [`matmul_nt`] forced through oneDNN (any dtype it takes: f32, bf16) with `out_dtype`, for
 /// tests and benchmarks; an error when oneDNN is not loaded or lacks the kernel.
 pub fn onednn_matmul_nt(x: &Tensor, w: &Tensor, out_dtype: DType) -> candle_core::Result<Tensor> {
-    let dnn = state()
-        .0
-        .as_ref()
-        .ok_or_else(|| candle_core::Error::Msg(format!("oneDNN: {}", cpu_bf16())))?;
-    let src = dtype_code(x.dtype())
-        .ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
-    let dst = dtype_code(out_dtype)
-        .ok_or_else(|| candle_core::Error::Msg("oneDNN: bf16 or f32".into()))?;
-    dnn.probe(src, dst).map_err(candle_core::Error::Msg)?;
+    // The op refuses what oneDNN cannot take (not loaded, other dtypes, a missing kernel).
     x.contiguous()?
         .apply_op2_no_bwd(&w.contiguous()?, &OneDnnMatmul { out_dtype })
 }
