@@ -495,6 +495,11 @@ pub trait Backend: Send {
         batch: &Batch,
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Vec<Image>, BackendError>;
+
+    /// Called by the worker when its queue is empty after a batch: the moment to hand memory
+    /// kept for the next batch back to the system, so that an idle server holds what it needs
+    /// idle rather than its last batch's peak. Must not fail; the default does nothing.
+    fn idle(&mut self) {}
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -512,6 +517,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Vec<Image>, BackendError> {
         (**self).generate(batch, progress)
+    }
+
+    fn idle(&mut self) {
+        (**self).idle()
     }
 }
 

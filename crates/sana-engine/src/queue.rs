@@ -6,6 +6,8 @@
 //! starves; this is the one deliberate change from text-embeddings-inference's strict FIFO.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sana_backend::{BatchItem, BatchKey};
@@ -267,9 +269,10 @@ pub(crate) enum Command {
 pub(crate) fn spawn(
     limits: BatchLimits,
     batches: mpsc::Sender<NextBatch>,
+    waiting: Arc<AtomicUsize>,
 ) -> UnboundedSender<Command> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(rx, batches, limits));
+    tokio::spawn(run(rx, batches, limits, waiting));
     tx
 }
 
@@ -277,6 +280,7 @@ async fn run(
     mut commands: UnboundedReceiver<Command>,
     batches: mpsc::Sender<NextBatch>,
     limits: BatchLimits,
+    waiting: Arc<AtomicUsize>,
 ) {
     let mut state = State::default();
     loop {
@@ -302,6 +306,7 @@ async fn run(
                 Err(_) => state.fail_all(&EngineError::Unhealthy),
             },
         }
+        waiting.store(state.len(), Ordering::Release);
         ::metrics::gauge!(metrics::QUEUE_SIZE).set(state.len() as f64);
     }
 }

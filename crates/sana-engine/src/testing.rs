@@ -88,11 +88,30 @@ impl RecordedBatch {
     }
 }
 
-/// Every batch the fakes sharing it have seen; survives backend rebuilds.
+/// Every batch the fakes sharing it have seen, and when they went idle; survives backend rebuilds.
 #[derive(Debug, Clone, Default)]
-pub struct BatchLog(Arc<Mutex<Vec<RecordedBatch>>>);
+pub struct BatchLog {
+    batches: Arc<Mutex<Vec<RecordedBatch>>>,
+    idles: Arc<Mutex<Vec<usize>>>,
+}
 
 impl BatchLog {
+    /// For each [`Backend::idle`] call so far, how many batches had started before it.
+    pub fn idles(&self) -> Vec<usize> {
+        self.idles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn idle(&self) {
+        let started = self.lock().len();
+        self.idles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(started);
+    }
+
     /// A copy of every batch so far, in the order they started.
     pub fn batches(&self) -> Vec<RecordedBatch> {
         self.lock().clone()
@@ -107,7 +126,7 @@ impl BatchLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedBatch>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.batches.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn start(&self, device: &str, batch: &Batch) -> usize {
@@ -316,6 +335,10 @@ impl Backend for FakeBackend {
             return Err(BackendError::Internal("the device is lost".into()));
         }
         Ok(())
+    }
+
+    fn idle(&mut self) {
+        self.log.idle();
     }
 
     fn generate(

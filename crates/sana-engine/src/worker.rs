@@ -13,7 +13,7 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -103,6 +103,8 @@ pub struct WorkerHealth {
 #[derive(Debug)]
 pub(crate) struct Board {
     pub(crate) slots: Vec<Slot>,
+    /// Requests in the queue not yet formed into a batch (kept by the queue task).
+    pub(crate) waiting: Arc<AtomicUsize>,
     /// The origin of heartbeats.
     started: Instant,
 }
@@ -154,6 +156,7 @@ impl Board {
                     running: Mutex::new(None),
                 })
                 .collect(),
+            waiting: Arc::default(),
             started: Instant::now(),
         }
     }
@@ -245,6 +248,14 @@ impl Worker {
             }
         };
         loop {
+            // After the warm-up and after each batch: with nothing waiting, the backend may hand
+            // back memory it kept for the next batch. Contained like a batch: a panic here costs
+            // the trim, not the worker.
+            if self.queue_is_empty() {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| backend.idle())) {
+                    warn!(device = %self.device, panic = %panic_message(&*panic), "the backend panicked going idle");
+                }
+            }
             let next = {
                 let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
                 batches.blocking_recv()
@@ -281,6 +292,21 @@ impl Worker {
             self.set(WorkerState::Ready);
         }
         self.set(WorkerState::Stopped);
+    }
+
+    /// Whether nothing waits for a worker: no request in the queue, no batch formed in the
+    /// channel. The queue counts its requests down after it sends the batch formed from them, so
+    /// reading the count first cannot miss a batch in between. A channel lock held elsewhere
+    /// belongs to another worker waiting for a batch: the channel is empty.
+    fn queue_is_empty(&self) -> bool {
+        if self.board.waiting.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        match self.batches.try_lock() {
+            Ok(batches) => batches.is_empty(),
+            Err(std::sync::TryLockError::Poisoned(batches)) => batches.into_inner().is_empty(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        }
     }
 
     /// Builds the backend, checks the configuration against it and warms it up.

@@ -364,6 +364,59 @@ async fn a_batch_runs_on_while_one_of_its_requests_remains() {
     assert_eq!(shared.steps_run, 20);
 }
 
+/// Polls `done` every 5 ms for up to 10 s: for what the engine does on its worker thread after
+/// answering (the test has nothing to await there).
+async fn eventually(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The worker tells its backend it is idle (the moment to hand back memory) once started and
+/// after a batch with nothing waiting, never between a batch and the ones queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_goes_idle_only_when_nothing_waits() {
+    let (gate, release) = (Gate::closed(), Gate::closed());
+    let fake = FakeBackend::new()
+        .with_gate(gate.clone())
+        .fail_on("held", Failure::Hang)
+        .with_release(release.clone());
+    let log = fake.log();
+    let engine = start(config(1), fake).await;
+    eventually(|| log.idles().len() == 1).await;
+    // Three batches (distinct sizes): the first runs (gated), the second is formed for the free
+    // worker, the third waits in the queue.
+    let streams: Vec<_> = [("first", 32), ("held", 64), ("third", 96)]
+        .into_iter()
+        .map(|(prompt, width)| {
+            engine
+                .submit(request(prompt, width, 32, 1, 0))
+                .expect("admitted")
+        })
+        .collect();
+    eventually(|| engine.waiting() == 1).await;
+    assert_eq!(
+        engine.waiting(),
+        1,
+        "the third waits behind the formed batch"
+    );
+    gate.open();
+    // The second holds after its first step; meanwhile the third is formed for the worker.
+    eventually(|| engine.waiting() == 0).await;
+    assert_eq!(engine.waiting(), 0, "the third is formed");
+    release.open();
+    for stream in streams {
+        stream.result().await.expect("served");
+    }
+    eventually(|| log.idles().len() == 2).await;
+    assert_eq!(
+        log.idles(),
+        vec![0, 3],
+        "idle once started (no batch yet) and once after the three batches, not between them"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_dropped_while_queued_never_reaches_the_backend() {
     let gate = Gate::closed();

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod memory;
 mod model;
 mod serve;
 
@@ -77,19 +78,6 @@ fn apply_serve_config() -> Result<(), String> {
     Ok(())
 }
 
-/// mimalloc hands freed memory back to the OS 10 ms after a free (100 ms for its arenas), so the
-/// large tensors of the next op fault their pages in again and the kernel zeroes them: 56 000 page
-/// faults per 512² DC-AE decode on CPU, ≈20% of its time (`perf stat`); with a 10 s delay still
-/// 10 000, with none 500. So nothing is handed back: the process keeps its peak (which the next
-/// request reuses) instead of paying for it again. `MIMALLOC_PURGE_DELAY` (milliseconds) in the
-/// environment wins, for a host that needs the memory back.
-fn keep_freed_pages() {
-    /// `mi_option_purge_delay` in mimalloc.h (v2), which libmimalloc-sys exports as no constant.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: plain option store, done before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 /// candle sizes its CPU thread pools from `RAYON_NUM_THREADS`, and without it re-reads
 /// `/proc/cpuinfo` on every matmul (≈25% of a small model's time). Set it once, from the CPUs this
 /// process may use (cgroup quotas included), unless the user did.
@@ -102,7 +90,7 @@ fn pin_thread_count() {
 }
 
 fn main() {
-    keep_freed_pages();
+    memory::keep_freed_pages();
     pin_thread_count();
     if let Err(e) = apply_serve_config() {
         eprintln!("error: --config {e}");

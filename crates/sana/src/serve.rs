@@ -7,6 +7,7 @@ use sana_model::backend::SanaBackend;
 use sana_server::{ServeArgs, ServerConfig};
 
 use crate::generate::parse_device;
+use crate::memory::{self, ReleaseWhenIdle};
 use crate::model::ModelSpec;
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -48,6 +49,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let config = ServerConfig::try_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
     // Download (or find in the cache, or extract) once, before any worker starts.
     let (resolved, model_id) = spec.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_park(memory::on_runtime_park)
+        .on_thread_stop(memory::on_thread_stop)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let handle = runtime.handle().clone();
     let factory = move |device: &str| -> Result<Box<dyn Backend>, BackendError> {
         let internal = |e: anyhow::Error| BackendError::Internal(format!("{e:#}"));
         let device = parse_device(device).map_err(internal)?;
@@ -72,16 +80,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .with_context(|| format!("--lora {name}={}", path.display()))
                 .map_err(internal)?;
         }
-        Ok(Box::new(SanaBackend::new(
-            pipe,
-            &model_id,
-            max_batch_images,
+        let backend = SanaBackend::new(pipe, &model_id, max_batch_images);
+        Ok(Box::new(ReleaseWhenIdle::new(
+            backend,
+            device.is_cpu(),
+            Some(handle.clone()),
         )))
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let report = runtime.block_on(sana_server::run(config, factory))?;
     tracing::info!(?report, "stopped");
     Ok(())

@@ -1,0 +1,143 @@
+//! What the process keeps of the memory it frees (mimalloc, the global allocator).
+//!
+//! While a batch runs, keep everything: candle allocates a fresh tensor per op, and mimalloc's
+//! default (hand freed memory back 10 ms after a free, 100 ms for its arenas) makes the large
+//! tensors of the next op fault their pages in again while the kernel zeroes them: 56 000 page
+//! faults per 512² DC-AE decode on CPU, ≈20% of its time (`perf stat`); with a 10 s delay still
+//! 10 000, with none 500. When the server's queue runs dry, hand it all back
+//! ([`ReleaseWhenIdle`], [`on_runtime_park`], [`on_thread_stop`]): an idle server holds what it
+//! needs idle, not its last batch's peak, and its resident memory does not depend on which batch
+//! or which thread happened to run last.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use sana_backend::{Backend, BackendError, Batch, Control, Image, ModelInfo, Progress};
+
+/// `mi_option_purge_delay` in mimalloc.h (v2), which libmimalloc-sys exports as no constant.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Ten minutes: longer than any batch, so nothing is handed back while one runs, but unlike
+/// "never" (a negative delay) mimalloc still records what is free, which a forced collection
+/// (`mi_collect(true)`, when the server goes idle) then hands back at once.
+const PURGE_DELAY_MS: std::os::raw::c_long = 600_000;
+
+/// Sets the purge delay before any allocation of note, unless `MIMALLOC_PURGE_DELAY`
+/// (milliseconds) in the environment says otherwise.
+pub fn keep_freed_pages() {
+    // SAFETY: a plain option store, done in main before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+}
+
+/// Times the engine's queue ran dry; each runtime thread trims its heap once per count, at its
+/// next park ([`on_runtime_park`]).
+static IDLE_EPOCH: AtomicU64 = AtomicU64::new(0);
+/// Batches running now (one per busy worker): no runtime thread trims meanwhile, since trimming
+/// also hands back the arenas, where a batch's freed tensors wait for the next op.
+static BUSY: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static TRIMMED_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Hands this thread's freed memory back to the OS now, then mimalloc's arenas'.
+fn collect() {
+    // Twice: pages found empty by the first pass are freed after their segment was visited,
+    // which only schedules their purge; the second pass carries it out.
+    // SAFETY: mi_collect only walks and trims the calling thread's heap and the shared arenas
+    // (under their own locks).
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        libmimalloc_sys::mi_collect(true);
+    }
+}
+
+/// The async runtime's `on_thread_park`: the first park of each runtime thread after the
+/// engine went idle trims that thread's heap (request bodies, responses, encoded images).
+pub fn on_runtime_park() {
+    if BUSY.load(Ordering::Acquire) > 0 {
+        return;
+    }
+    let epoch = IDLE_EPOCH.load(Ordering::Acquire);
+    if TRIMMED_AT.with(|at| at.replace(epoch)) != epoch {
+        collect();
+    }
+}
+
+/// The async runtime's `on_thread_stop` (blocking-pool threads leave after 10 s idle): hand back
+/// what the thread freed before mimalloc abandons its heap.
+pub fn on_thread_stop() {
+    collect();
+}
+
+/// A backend that hands freed memory back when the worker's queue is empty ([`Backend::idle`]):
+/// the worker thread's heap, rayon's pool's (`pool`: the model runs on the CPU, so candle's
+/// kernels allocate there; on a GPU the pool may never have started, and broadcasting would
+/// start it), and, at their next park, the async runtime's threads' (`runtime`, which is woken
+/// for it).
+pub struct ReleaseWhenIdle<B> {
+    inner: B,
+    pool: bool,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl<B: Backend> ReleaseWhenIdle<B> {
+    pub fn new(inner: B, pool: bool, runtime: Option<tokio::runtime::Handle>) -> Self {
+        Self {
+            inner,
+            pool,
+            runtime,
+        }
+    }
+}
+
+/// Counts a running batch in [`BUSY`] until dropped (a panicking batch included).
+struct Busy;
+
+impl Busy {
+    fn start() -> Self {
+        BUSY.fetch_add(1, Ordering::AcqRel);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<B: Backend> Backend for ReleaseWhenIdle<B> {
+    fn info(&self) -> ModelInfo {
+        self.inner.info()
+    }
+
+    fn health(&self) -> Result<(), BackendError> {
+        self.inner.health()
+    }
+
+    fn generate(
+        &mut self,
+        batch: &Batch,
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> Result<Vec<Image>, BackendError> {
+        let _busy = Busy::start();
+        self.inner.generate(batch, progress)
+    }
+
+    fn idle(&mut self) {
+        self.inner.idle();
+        if self.pool {
+            rayon::broadcast(|_| collect());
+        }
+        collect();
+        IDLE_EPOCH.fetch_add(1, Ordering::AcqRel);
+        if let Some(runtime) = &self.runtime {
+            // Parked runtime threads trim at their next park: wake them (best effort: one
+            // empty task each).
+            for _ in 0..runtime.metrics().num_workers() {
+                drop(runtime.spawn(async {}));
+            }
+        }
+    }
+}
