@@ -20,7 +20,7 @@ The bar (exit 0 only if all hold; prints `SOAK PASSED` or `SOAK FAILED: reasons`
    one: every 15 s the clients pause until nothing is in flight (a quiet sample), a minute's resident memory is
    the floor of its quiet samples, and every later whole minute is compared with minute one (see memory_bar; on
    runs under 2 minutes a "minute" is a third of the run); the server runs as shipped: it keeps freed memory
-   while batches run and hands it back whenever its queue runs dry (crates/sana/src/memory.rs), so a quiet
+   while batches run and hands it back once its queue has been empty for a second (crates/sana/src/memory.rs), so a quiet
    sample is what the idle server holds;
 3. the server is still healthy at the end (`/health` and `/ready` 200, no request left queued, a generation works);
 4. with `--sigterm`: a burst of slow requests is admitted, then SIGTERM; every admitted request completes

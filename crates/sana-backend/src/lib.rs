@@ -496,9 +496,10 @@ pub trait Backend: Send {
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Vec<Image>, BackendError>;
 
-    /// Called by the worker when its queue is empty after a batch: the moment to hand memory
-    /// kept for the next batch back to the system, so that an idle server holds what it needs
-    /// idle rather than its last batch's peak. Must not fail; the default does nothing.
+    /// Called by the worker once its queue has stayed empty for a moment (a second) after the
+    /// warm-up or a batch: the moment to hand memory kept for the next batch back to the
+    /// system, so that an idle server holds what it needs idle rather than its last batch's
+    /// peak. Must not fail; the default does nothing.
     fn idle(&mut self) {}
 }
 

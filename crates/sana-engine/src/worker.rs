@@ -99,12 +99,21 @@ pub struct WorkerHealth {
     pub restarts: u32,
 }
 
+/// How long a worker's queue stays empty before its backend hears it is idle
+/// ([`Backend::idle`]): long enough that back-to-back requests (a client sending its next one, a
+/// burst arriving) never pay for the backend handing memory back, short enough that an idle
+/// server soon holds only what it needs idle.
+pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// Shared view of every worker: lock-free state, plus each one's running batch for the watchdog.
 #[derive(Debug)]
 pub(crate) struct Board {
     pub(crate) slots: Vec<Slot>,
     /// Requests in the queue not yet formed into a batch (kept by the queue task).
     pub(crate) waiting: Arc<AtomicUsize>,
+    /// The engine's runtime, for the workers' timed waits (`None` outside one: no grace before
+    /// [`Backend::idle`]).
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
     /// The origin of heartbeats.
     started: Instant,
 }
@@ -157,6 +166,7 @@ impl Board {
                 })
                 .collect(),
             waiting: Arc::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             started: Instant::now(),
         }
     }
@@ -247,20 +257,37 @@ impl Worker {
                 return;
             }
         };
+        // Whether the backend was told it is idle since its last batch.
+        let mut idle = false;
         loop {
-            // After the warm-up and after each batch: with nothing waiting, the backend may hand
-            // back memory it kept for the next batch. Contained like a batch: a panic here costs
-            // the trim, not the worker.
-            if self.queue_is_empty() {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| backend.idle())) {
-                    warn!(device = %self.device, panic = %panic_message(&*panic), "the backend panicked going idle");
-                }
-            }
             let next = {
                 let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
-                batches.blocking_recv()
+                let waited = match (&self.board.runtime, idle) {
+                    // The timer is made inside the runtime's context, not on this thread.
+                    (Some(runtime), false) => runtime
+                        .block_on(async { tokio::time::timeout(IDLE_AFTER, batches.recv()).await })
+                        .ok(),
+                    (None, false) => None,
+                    (_, true) => Some(batches.blocking_recv()),
+                };
+                match waited {
+                    Some(next) => next,
+                    None => {
+                        // Nothing came for IDLE_AFTER (after the warm-up, after a batch): let
+                        // the backend hand back memory it kept for the next batch, while
+                        // another worker may take what comes. Contained like a batch: a panic
+                        // here costs the trim, not the worker.
+                        drop(batches);
+                        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| backend.idle())) {
+                            warn!(device = %self.device, panic = %panic_message(&*panic), "the backend panicked going idle");
+                        }
+                        idle = true;
+                        continue;
+                    }
+                }
             };
             let Some(next) = next else { break };
+            idle = false;
             self.board.beat(self.index);
             self.set(WorkerState::Busy);
             match run_batch(&mut backend, next, &self.board, self.index, &self.cancel) {
@@ -292,21 +319,6 @@ impl Worker {
             self.set(WorkerState::Ready);
         }
         self.set(WorkerState::Stopped);
-    }
-
-    /// Whether nothing waits for a worker: no request in the queue, no batch formed in the
-    /// channel. The queue counts its requests down after it sends the batch formed from them, so
-    /// reading the count first cannot miss a batch in between. A channel lock held elsewhere
-    /// belongs to another worker waiting for a batch: the channel is empty.
-    fn queue_is_empty(&self) -> bool {
-        if self.board.waiting.load(Ordering::Acquire) > 0 {
-            return false;
-        }
-        match self.batches.try_lock() {
-            Ok(batches) => batches.is_empty(),
-            Err(std::sync::TryLockError::Poisoned(batches)) => batches.into_inner().is_empty(),
-            Err(std::sync::TryLockError::WouldBlock) => true,
-        }
     }
 
     /// Builds the backend, checks the configuration against it and warms it up.

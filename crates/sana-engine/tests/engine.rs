@@ -373,8 +373,9 @@ async fn eventually(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// The worker tells its backend it is idle (the moment to hand back memory) once started and
-/// after a batch with nothing waiting, never between a batch and the ones queued behind it.
+/// The worker tells its backend it is idle (the moment to hand back memory) once its queue has
+/// stayed empty for a moment after the start and after a batch, never between a batch and the
+/// ones queued behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_goes_idle_only_when_nothing_waits() {
     let (gate, release) = (Gate::closed(), Gate::closed());

@@ -4,7 +4,7 @@
 //! default (hand freed memory back 10 ms after a free, 100 ms for its arenas) makes the large
 //! tensors of the next op fault their pages in again while the kernel zeroes them: 56 000 page
 //! faults per 512² DC-AE decode on CPU, ≈20% of its time (`perf stat`); with a 10 s delay still
-//! 10 000, with none 500. When the server's queue runs dry, hand it all back
+//! 10 000, with none 500. Once the server's queue has been empty for a second, hand it all back
 //! ([`ReleaseWhenIdle`], [`on_runtime_park`], [`on_thread_stop`]): an idle server holds what it
 //! needs idle, not its last batch's peak, and its resident memory does not depend on which batch
 //! or which thread happened to run last.
@@ -70,7 +70,7 @@ pub fn on_thread_stop() {
     collect();
 }
 
-/// A backend that hands freed memory back when the worker's queue is empty ([`Backend::idle`]):
+/// A backend that hands freed memory back when the worker says it is idle ([`Backend::idle`]):
 /// the worker thread's heap, rayon's pool's (`pool`: the model runs on the CPU, so candle's
 /// kernels allocate there; on a GPU the pool may never have started, and broadcasting would
 /// start it), and, at their next park, the async runtime's threads' (`runtime`, which is woken
