@@ -263,10 +263,15 @@ impl Worker {
             let next = {
                 let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
                 let waited = match (&self.board.runtime, idle) {
-                    // The timer is made inside the runtime's context, not on this thread.
-                    (Some(runtime), false) => runtime
-                        .block_on(async { tokio::time::timeout(IDLE_AFTER, batches.recv()).await })
-                        .ok(),
+                    // The timer is made inside the runtime's context, not on this thread. A
+                    // runtime shut down under the wait fails its timers by panicking: the
+                    // engine is gone with it, so the worker leaves as if the queue had closed.
+                    (Some(runtime), false) => catch_unwind(AssertUnwindSafe(|| {
+                        runtime.block_on(async {
+                            tokio::time::timeout(IDLE_AFTER, batches.recv()).await
+                        })
+                    }))
+                    .map_or(Some(None), Result::ok),
                     (None, false) => None,
                     (_, true) => Some(batches.blocking_recv()),
                 };
