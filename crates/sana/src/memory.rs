@@ -6,8 +6,8 @@
 //! faults per 512² DC-AE decode on CPU, ≈20% of its time (`perf stat`); with a 10 s delay still
 //! 10 000, with none 500. Once the server's queue has been empty for a second, hand it all back
 //! ([`ReleaseWhenIdle`], [`on_runtime_park`], [`on_thread_stop`]): an idle server holds what it
-//! needs idle, not its last batch's peak, and its resident memory does not depend on which batch
-//! or which thread happened to run last.
+//! needs idle rather than its last batch's peak. Not yet handed back at idle: what the blocking
+//! pool's threads (image encoding) freed, until they exit.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ use sana_backend::{Backend, BackendError, Batch, Control, Image, ModelInfo, Prog
 /// `mi_option_purge_delay` in mimalloc.h (v2), which libmimalloc-sys exports as no constant.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Ten minutes: longer than any batch, so nothing is handed back while one runs, but unlike
+/// Ten minutes: longer than a batch runs, so nothing is handed back meanwhile, but unlike
 /// "never" (a negative delay) mimalloc still records what is free, which a forced collection
 /// (`mi_collect(true)`, when the server goes idle) then hands back at once.
 const PURGE_DELAY_MS: std::os::raw::c_long = 600_000;
