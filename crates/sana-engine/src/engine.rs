@@ -1,6 +1,6 @@
 //! The engine handle: admission, submission, health and shutdown.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,8 +64,6 @@ struct Inner {
     limits: BatchLimits,
     permits: Arc<Semaphore>,
     queue: mpsc::UnboundedSender<Command>,
-    /// Requests the queue holds that are not in a formed batch yet (set by the queue task).
-    waiting: Arc<AtomicUsize>,
     board: Arc<Board>,
     cancel: Arc<AtomicBool>,
     shutting_down: AtomicBool,
@@ -165,8 +163,7 @@ impl Engine {
         }
         let info = info.expect("at least one device; checked above");
         let limits = BatchLimits::new(&config, &info)?;
-        let waiting = Arc::clone(&board.waiting);
-        let queue = queue::spawn(limits, batch_tx, Arc::clone(&waiting));
+        let queue = queue::spawn(limits, batch_tx, Arc::clone(&board.waiting));
         Ok(Self {
             inner: Arc::new(Inner {
                 info,
@@ -174,7 +171,6 @@ impl Engine {
                 config,
                 limits,
                 queue,
-                waiting,
                 board,
                 cancel,
                 shutting_down: AtomicBool::new(false),
@@ -207,7 +203,7 @@ impl Engine {
     /// Requests waiting in the queue for a batch to be formed from them (not counting a batch
     /// already formed for the next free worker, nor running ones).
     pub fn waiting(&self) -> usize {
-        self.inner.waiting.load(Ordering::Acquire)
+        self.inner.board.waiting.load(Ordering::Acquire)
     }
 
     /// The state of every worker.
