@@ -40,7 +40,7 @@ pub(crate) use im2col::CpuConv;
 pub use linear_attention::{linear_attention, linear_attention_tensor_ops};
 pub use onednn::{
     cpu_bf16 as cpu_bf16_status, matmul_nt, matmul_nt_on_onednn, onednn_loaded, onednn_matmul_nt,
-    CpuBf16,
+    CpuBf16, Inputs as CpuBf16Inputs,
 };
 pub(crate) use rms_norm::CpuRmsNorm;
 pub(crate) use winograd::WINOGRAD_BAND_VALUES;

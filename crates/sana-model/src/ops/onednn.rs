@@ -10,9 +10,14 @@
 //! (`SANA_ONEDNN=off`), or has no bf16 kernel for this CPU (oneDNN 2.x needs AVX-512; force a
 //! lesser ISA with oneDNN's own `ONEDNN_MAX_CPU_ISA`, e.g. `AVX2`), [`matmul_nt`] takes candle's
 //! widening path and gives the same values up to rounding. [`cpu_bf16`] says which path runs, and
-//! why. oneDNN's path is opt-in (`SANA_ONEDNN=on`): its kernels round each matmul's input to bf16,
-//! which put the tiny pipelines 9/255 off the f32 reference end to end on AVX512-BF16 (the bar is
-//! 8/255; the widened path stays within 3/255).
+//! why.
+//!
+//! The model's activations are f32 and its kernels take bf16 on both sides. Rounding each input to
+//! bf16 (`SANA_ONEDNN=fast`, what torch's bf16 does) put the tiny pipelines 9/255 off the f32
+//! reference end to end on AVX512-BF16 (the bar is 8/255). By default the input is split in two
+//! bf16 terms, `x ≈ hi + lo` with `hi = bf16(x)` and `lo = bf16(x − hi)` (16 bits of mantissa),
+//! stacked into one matmul of twice the rows whose halves are summed: twice the multiplications,
+//! the widened path's accuracy.
 //!
 //! ISAs with "initial support" in a oneDNN release stay off unless asked for (its dispatcher docs),
 //! which may include AMX in 2.x; unless `ONEDNN_MAX_CPU_ISA` is set, we raise the ceiling to
@@ -123,10 +128,11 @@ unsafe impl Sync for OneDnn {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CpuBf16 {
     /// oneDNN multiplies bf16 × bf16 in f32; `implementation` is its kernel name (e.g.
-    /// `brg:avx512_core_amx`).
+    /// `brg:avx512_core_amx`); `inputs` how f32 activations become bf16.
     OneDnn {
         version: String,
         implementation: String,
+        inputs: Inputs,
     },
     /// candle's path: operands widened to f32 per matmul.
     Widened { reason: String },
@@ -145,9 +151,28 @@ impl std::fmt::Display for CpuBf16 {
             CpuBf16::OneDnn {
                 version,
                 implementation,
-            } => write!(f, "oneDNN {version} ({implementation})"),
+                inputs,
+            } => write!(f, "oneDNN {version} ({implementation}; {inputs})"),
             CpuBf16::Widened { reason } => write!(f, "widened to f32 ({reason})"),
         }
+    }
+}
+
+/// How f32 activations enter oneDNN's bf16 × bf16 kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inputs {
+    /// `x ≈ hi + lo`, two bf16 terms in one matmul of twice the rows (the default).
+    Split,
+    /// `x` rounded to bf16 (`SANA_ONEDNN=fast`): half the multiplications, 8 bits of mantissa.
+    Rounded,
+}
+
+impl std::fmt::Display for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Inputs::Split => "f32 inputs split in two bf16 terms",
+            Inputs::Rounded => "f32 inputs rounded to bf16, SANA_ONEDNN=fast",
+        })
     }
 }
 
@@ -160,20 +185,15 @@ fn state() -> &'static (Option<OneDnn>, CpuBf16) {
             .probe(DT_BF16, DT_BF16)
             .and_then(|_| dnn.probe(DT_BF16, DT_F32))
         {
-            // Opt-in: its kernels round each matmul's input to bf16, which put the tiny pipelines
-            // 9/255 off the f32 reference end to end on AVX512-BF16 (bar 8/255), where the widened
-            // path stays within 3/255. Loaded either way, for `onednn_matmul_nt`.
-            Ok(implementation) if !opted_in() => {
-                let reason = format!(
-                    "oneDNN {} ({implementation}) not opted into: SANA_ONEDNN=on",
-                    dnn.version
-                );
-                (Some(dnn), CpuBf16::Widened { reason })
-            }
             Ok(implementation) => {
                 let status = CpuBf16::OneDnn {
                     version: dnn.version.clone(),
                     implementation,
+                    inputs: if fast() {
+                        Inputs::Rounded
+                    } else {
+                        Inputs::Split
+                    },
                 };
                 (Some(dnn), status)
             }
@@ -189,9 +209,9 @@ fn state() -> &'static (Option<OneDnn>, CpuBf16) {
     })
 }
 
-/// Whether `SANA_ONEDNN=on` (or `1`, `true`, `yes`) asks for oneDNN's bf16 matmuls.
-fn opted_in() -> bool {
-    std::env::var("SANA_ONEDNN").is_ok_and(|v| matches!(v.as_str(), "1" | "on" | "true" | "yes"))
+/// Whether `SANA_ONEDNN=fast` asks for inputs rounded to bf16 ([`Inputs::Rounded`]).
+fn fast() -> bool {
+    std::env::var("SANA_ONEDNN").is_ok_and(|v| v == "fast")
 }
 
 /// The path CPU bf16 matmuls take (loads oneDNN on first use).
@@ -438,9 +458,57 @@ impl OneDnn {
     }
 }
 
-/// `x[M, K] · w[N, K]ᵀ` through oneDNN, in `out_dtype`.
+/// `x[M, K] · w[N, K]ᵀ` through oneDNN, in `out_dtype`; f32 `x` with bf16 `w` enters as
+/// `inputs` says.
 struct OneDnnMatmul {
     out_dtype: DType,
+    inputs: Inputs,
+}
+
+/// Rows per rayon task in the conversions around a matmul (they run on one thread otherwise).
+const ROWS_PER_TASK: usize = 64;
+
+/// `x` as bf16 rows: rounded (`[M, K]`), or split (`[2M, K]`: `hi = bf16(x)` above
+/// `lo = bf16(x − hi)`).
+fn to_bf16_rows(x: &[f32], k: usize, inputs: Inputs) -> Vec<half::bf16> {
+    use half::bf16;
+    use rayon::prelude::*;
+    let len = x.len();
+    let terms = if inputs == Inputs::Split { 2 } else { 1 };
+    let mut out = vec![bf16::ZERO; terms * len];
+    let (hi, lo) = out.split_at_mut(len);
+    let chunk = ROWS_PER_TASK * k.max(1);
+    hi.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(h, x)| {
+            for (h, &x) in h.iter_mut().zip(x) {
+                *h = bf16::from_f32(x);
+            }
+        });
+    if terms == 2 {
+        lo.par_chunks_mut(chunk)
+            .zip(hi.par_chunks(chunk))
+            .zip(x.par_chunks(chunk))
+            .for_each(|((l, h), x)| {
+                for ((l, h), &x) in l.iter_mut().zip(h).zip(x) {
+                    *l = bf16::from_f32(x - h.to_f32());
+                }
+            });
+    }
+    out
+}
+
+/// Runs `fill` on an output buffer of `len` elements that it must write in full (no zero-filling
+/// first: oneDNN overwrites it).
+fn filled<T>(
+    len: usize,
+    fill: impl FnOnce(*mut c_void) -> candle_core::Result<()>,
+) -> candle_core::Result<Vec<T>> {
+    let mut out = Vec::<T>::with_capacity(len);
+    fill(out.as_mut_ptr().cast())?;
+    // SAFETY: `fill` succeeded, so the matmul wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    Ok(out)
 }
 
 impl CustomOp2 for OneDnnMatmul {
@@ -468,62 +536,87 @@ impl CustomOp2 for OneDnnMatmul {
             )
         }
         let (xo, wo) = (xl.start_offset(), wl.start_offset());
-        let (a, w, src): (*const c_void, *const c_void, c_int) = match (xs, ws) {
+        // f32 activations against bf16 weights: converted here, rows doubled when split.
+        let converted;
+        let (a, w, src, rows): (*const c_void, *const c_void, c_int, usize) = match (xs, ws) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_BF16,
+                m,
             ),
+            (CpuStorage::F32(x), CpuStorage::BF16(w)) => {
+                converted = to_bf16_rows(&x[xo..][..m * k], k, self.inputs);
+                (
+                    converted.as_ptr().cast(),
+                    w[wo..][..n * k].as_ptr().cast(),
+                    DT_BF16,
+                    converted.len() / k.max(1),
+                )
+            }
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_F32,
+                m,
             ),
-            _ => candle_core::bail!("onednn-matmul: bf16 or f32 operands of one dtype needed"),
+            _ => candle_core::bail!("onednn-matmul: bf16 or f32 activations, bf16 or f32 weights"),
         };
+        if k == 0 {
+            candle_core::bail!("onednn-matmul: empty inner dimension");
+        }
         let dst = dtype_code(self.out_dtype)
             .ok_or_else(|| candle_core::Error::Msg("onednn-matmul: bf16 or f32 output".into()))?;
-        let shape = Shape::from((m, n));
         let run = |out: *mut c_void| {
-            // SAFETY: slices sized above; `out` has m·n elements of the output dtype.
-            unsafe { dnn.matmul(a, w, out, (m, k, n), src, dst) }
+            // SAFETY: `a` holds rows·k and `w` n·k elements of `src`; `out` has room for rows·n
+            // of the output dtype.
+            unsafe { dnn.matmul(a, w, out, (rows, k, n), src, dst) }
                 .map_err(|e| candle_core::Error::Msg(format!("onednn-matmul: {e}")))
         };
-        let out = match self.out_dtype {
-            DType::BF16 => {
-                let mut o = vec![half::bf16::ZERO; m * n];
-                run(o.as_mut_ptr().cast())?;
-                CpuStorage::BF16(o)
+        let out = match (self.out_dtype, rows == 2 * m && rows > 0) {
+            (DType::BF16, false) => CpuStorage::BF16(filled(rows * n, run)?),
+            (DType::BF16, true) => {
+                candle_core::bail!("onednn-matmul: split inputs write f32")
             }
-            _ => {
-                let mut o = vec![0f32; m * n];
-                run(o.as_mut_ptr().cast())?;
-                CpuStorage::F32(o)
+            (_, false) => CpuStorage::F32(filled(rows * n, run)?),
+            (_, true) => {
+                // hi·wᵀ above lo·wᵀ: their sum is x·wᵀ.
+                use rayon::prelude::*;
+                let mut y: Vec<f32> = filled(rows * n, run)?;
+                let (hi, lo) = y.split_at_mut(m * n);
+                let chunk = ROWS_PER_TASK * n;
+                hi.par_chunks_mut(chunk)
+                    .zip(lo.par_chunks(chunk))
+                    .for_each(|(h, l)| h.iter_mut().zip(l).for_each(|(h, l)| *h += l));
+                y.truncate(m * n);
+                CpuStorage::F32(y)
             }
         };
-        Ok((out, shape))
+        Ok((out, Shape::from((m, n))))
     }
 }
 
 /// `x[M, K] · w[N, K]ᵀ` (PyTorch's `linear` without bias) in x's dtype. CPU bf16 goes through
 /// oneDNN when [`cpu_bf16`] says so; everything else through candle's matmul.
 ///
-/// Mixed precision (f32 `x`, bf16 `w`, the CPU's bf16 mode): oneDNN takes `x` rounded to bf16 and
-/// writes f32; without it the weight is widened to f32 for the call. The result is f32.
+/// Mixed precision (f32 `x`, bf16 `w`, the CPU's bf16 mode): oneDNN takes `x` as [`Inputs`] says
+/// and writes f32; without it the weight is widened to f32 for the call. The result is f32.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if matmul_nt_on_onednn(x, w) {
-        let out = x.to_dtype(DType::BF16)?.contiguous()?.apply_op2_no_bwd(
-            &w.contiguous()?,
-            &OneDnnMatmul {
+    if let CpuBf16::OneDnn { inputs, .. } = cpu_bf16() {
+        if matmul_nt_on_onednn(x, w) {
+            let op = OneDnnMatmul {
                 out_dtype: x.dtype(),
-            },
-        );
-        match out {
-            Ok(y) => return Ok(y),
-            // A shape oneDNN refuses takes the widened path (logged once).
-            Err(e) => {
-                static LOGGED: std::sync::Once = std::sync::Once::new();
-                LOGGED.call_once(|| tracing::warn!("oneDNN matmul failed, widening instead: {e}"));
+                inputs: *inputs,
+            };
+            match x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op) {
+                Ok(y) => return Ok(y),
+                // A shape oneDNN refuses takes the widened path (logged once).
+                Err(e) => {
+                    static LOGGED: std::sync::Once = std::sync::Once::new();
+                    LOGGED.call_once(|| {
+                        tracing::warn!("oneDNN matmul failed, widening instead: {e}")
+                    });
+                }
             }
         }
     }
@@ -549,10 +642,15 @@ pub fn matmul_nt_on_onednn(x: &Tensor, w: &Tensor) -> bool {
 
 /// [`matmul_nt`] forced through oneDNN (any dtype it takes: f32, bf16) with `out_dtype`, for
 /// tests and benchmarks; an error when oneDNN is not loaded or lacks the kernel.
-pub fn onednn_matmul_nt(x: &Tensor, w: &Tensor, out_dtype: DType) -> candle_core::Result<Tensor> {
+pub fn onednn_matmul_nt(
+    x: &Tensor,
+    w: &Tensor,
+    out_dtype: DType,
+    inputs: Inputs,
+) -> candle_core::Result<Tensor> {
     // The op refuses what oneDNN cannot take (not loaded, other dtypes, a missing kernel).
     x.contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &OneDnnMatmul { out_dtype })
+        .apply_op2_no_bwd(&w.contiguous()?, &OneDnnMatmul { out_dtype, inputs })
 }
 
 /// Whether oneDNN is loaded at all (whatever its bf16 support).
@@ -594,7 +692,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
             let want = x.matmul(&w.t()?)?;
-            let got = onednn_matmul_nt(&x, &w, DType::F32)?;
+            let got = onednn_matmul_nt(&x, &w, DType::F32, Inputs::Split)?;
             let (d, _) = sana_testing::max_abs_diff(&got, &want);
             assert!(d < 1e-4, "{m}x{k}x{n}: diff {d}");
         }
@@ -618,14 +716,68 @@ mod tests {
             let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
             let (d, _) = sana_testing::max_abs_diff(&got.to_dtype(DType::F32)?, &want);
             assert!(d <= scale / 128.0, "{m}x{k}x{n}: diff {d} of max {scale}");
-            // oneDNN's own bf16 kernels (opt-in for `matmul_nt`), wherever this CPU has them.
-            let no_kernel = matches!(cpu_bf16(), CpuBf16::Widened { reason } if reason.contains("no bf16 matmul"));
-            if onednn_loaded() && !no_kernel {
-                let f32_out = onednn_matmul_nt(&x, &w, DType::F32)?;
+            // oneDNN's own bf16 kernels, wherever this CPU has them (whatever SANA_ONEDNN says).
+            if has_bf16_kernel() {
+                let f32_out = onednn_matmul_nt(&x, &w, DType::F32, Inputs::Split)?;
                 let (d, _) = sana_testing::max_abs_diff(&f32_out, &want);
                 assert!(d <= scale * 1e-5, "{m}x{k}x{n}: f32 output diff {d}");
             }
         }
+        Ok(())
+    }
+
+    /// Whether oneDNN is loaded with a bf16 kernel for this CPU.
+    fn has_bf16_kernel() -> bool {
+        onednn_loaded()
+            && !matches!(cpu_bf16(), CpuBf16::Widened { reason } if reason.contains("no bf16 matmul"))
+    }
+
+    /// f32 activations × bf16 weights (the CPU's bf16 mode): split into two bf16 terms, oneDNN
+    /// matches the widened path (f32 arithmetic on the same weights) to f32 rounding, some 100×
+    /// closer than with the inputs rounded to bf16; the sum of the two halves is the product
+    /// (NaN and inf pass through).
+    #[test]
+    fn split_f32_inputs_match_the_widened_path() -> candle_core::Result<()> {
+        if !has_bf16_kernel() {
+            eprintln!(
+                "no oneDNN bf16 kernel here ({}): nothing to compare",
+                cpu_bf16()
+            );
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 8, 3), (7, 64, 96), (300, 1152, 72), (129, 130, 17)] {
+            // Activations of mixed scale, as after a norm and a gate.
+            let x = (Tensor::randn(0f32, 1., (m, k), &dev)?
+                * Tensor::randn(0f32, 3., (m, 1), &dev)?
+                    .exp()?
+                    .broadcast_as((m, k))?)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let want = x.matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let split = onednn_matmul_nt(&x, &w, DType::F32, Inputs::Split)?;
+            let rounded = onednn_matmul_nt(&x, &w, DType::F32, Inputs::Rounded)?;
+            assert_eq!((split.dims2()?, split.dtype()), ((m, n), DType::F32));
+            let (d_split, _) = sana_testing::max_abs_diff(&split, &want);
+            let (d_rounded, _) = sana_testing::max_abs_diff(&rounded, &want);
+            assert!(
+                d_split <= scale * 2e-5,
+                "{m}x{k}x{n}: split diff {d_split} of max {scale}"
+            );
+            if k >= 64 {
+                assert!(
+                    d_split * 20.0 < d_rounded,
+                    "{m}x{k}x{n}: split {d_split} not well below rounded {d_rounded}"
+                );
+            }
+        }
+        // Non-finite inputs stay non-finite in their rows.
+        let x = Tensor::new(&[[1f32, f32::NAN], [2., 3.], [f32::INFINITY, 0.]], &dev)?;
+        let w = Tensor::new(&[[1f32, 1.]], &dev)?.to_dtype(DType::BF16)?;
+        let y: Vec<f32> = onednn_matmul_nt(&x, &w, DType::F32, Inputs::Split)?
+            .flatten_all()?
+            .to_vec1()?;
+        assert!(y[0].is_nan() && y[1] == 5.0 && !y[2].is_finite(), "{y:?}");
         Ok(())
     }
 }
