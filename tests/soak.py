@@ -373,12 +373,21 @@ class Soak:
             fds = len(os.listdir(f"/proc/{pid}/fd"))
         except (OSError, ValueError):
             pass
+        # Of the RSS, how much is in transparent huge pages (2 MiB each, resident as a whole).
+        huge = None
+        try:
+            for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("AnonHugePages:"):
+                    huge = int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            pass
         s = {"elapsed_s": round(time.time() - self.t0, 1), "requests": self.stats.total,
-             "rss_mib": None if rss is None else round(rss, 1), "fds": fds, "threads": threads, "label": label}
+             "rss_mib": None if rss is None else round(rss, 1), "fds": fds, "threads": threads,
+             "huge_mib": None if huge is None else round(huge, 1), "label": label}
         if keep:
             self.samples.append(s)
-        print(f"[{s['elapsed_s']:7.1f}s] requests={s['requests']:6d} rss={s['rss_mib']} MiB fds={fds} threads={threads}"
-              + (f" ({label})" if label else ""), flush=True)
+        print(f"[{s['elapsed_s']:7.1f}s] requests={s['requests']:6d} rss={s['rss_mib']} MiB (huge pages {s['huge_mib']})"
+              f" fds={fds} threads={threads}" + (f" ({label})" if label else ""), flush=True)
         return s
 
     def metrics(self) -> dict[str, float]:

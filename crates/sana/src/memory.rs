@@ -6,8 +6,10 @@
 //! faults per 512² DC-AE decode on CPU, ≈20% of its time (`perf stat`); with a 10 s delay still
 //! 10 000, with none 500. Once the server's queue has been empty for a second, hand it all back
 //! ([`ReleaseWhenIdle`], [`on_runtime_park`], [`on_thread_stop`]): an idle server holds what it
-//! needs idle rather than its last batch's peak. Not yet handed back at idle: what the blocking
-//! pool's threads (image encoding) freed, until they exit.
+//! needs idle rather than its last batch's peak. The blocking pool's threads (image encoding,
+//! file writes) have no park hook: they leave after [`BLOCKING_KEEP_ALIVE`] idle, before the
+//! queue's second is up, and hand back what they freed as they go ([`on_thread_stop`]). And
+//! without transparent huge pages ([`keep_freed_pages`]), what is handed back stays handed back.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,11 +24,61 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// (`mi_collect(true)`, when the server goes idle) then hands back at once.
 const PURGE_DELAY_MS: std::os::raw::c_long = 600_000;
 
+/// How long an idle blocking-pool thread waits for work before it leaves (tokio's default:
+/// 10 s). Shorter than the engine's idle second, so that by the time the worker's forced
+/// collection runs, the threads that encoded the last batch's images have left and their heaps
+/// are trimmed or abandoned (which that collection purges). Starting a thread costs tens of
+/// microseconds; an encode, milliseconds.
+pub const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `mi_option_allow_thp` in mimalloc.h (v2).
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 37;
+
+/// Whether [`keep_freed_pages`] turned transparent huge pages off for this process.
+static THP_DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Sets the purge delay before any allocation of note, unless `MIMALLOC_PURGE_DELAY`
-/// (milliseconds) in the environment says otherwise.
+/// (milliseconds) in the environment says otherwise; and turns transparent huge pages off for
+/// the process unless `MIMALLOC_ALLOW_THP` says otherwise.
+///
+/// Huge pages: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), so each first touch of a
+/// 2 MiB range makes all of it resident, and the kernel's khugepaged later refills ranges it had
+/// handed back. An idle server's memory then crept up by 2 MiB steps over a soak (84 → 98 MiB in
+/// 30 minutes, `tests/soak.sh 30 --seed 30`) although everything freed was returned. Without them
+/// the DiT's CPU forward was no slower (Sana-0.6B 1024², batch 2, f32: 14.9 s against 16.6 s with
+/// them, one `sana bench transformer` run each).
 pub fn keep_freed_pages() {
-    // SAFETY: a plain option store, done in main before any other thread exists.
+    // SAFETY: plain option stores, done in main before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above; no later mapping of mimalloc's is marked for huge pages.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0) };
+        // The mappings made before main (mimalloc's first arena) as well; inherited by children
+        // (see `allow_huge_pages_in_child`).
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0 {
+            THP_DISABLED.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Gives a program `sana` runs (the Python reference of `sana bench`) the system's huge-page
+/// setting back: the prctl of [`keep_freed_pages`] is inherited across fork and exec.
+pub fn allow_huge_pages_in_child(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    if THP_DISABLED.load(Ordering::Relaxed) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only calls prctl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Times the engine's queue ran dry; each runtime thread trims its heap once per count, at its
@@ -64,10 +116,14 @@ pub fn on_runtime_park() {
     }
 }
 
-/// The async runtime's `on_thread_stop` (blocking-pool threads leave after 10 s idle): hand back
-/// what the thread freed before mimalloc abandons its heap.
+/// The async runtime's `on_thread_stop` (blocking-pool threads leave after
+/// [`BLOCKING_KEEP_ALIVE`] idle): hand back what the thread freed before mimalloc abandons its
+/// heap. Not while a batch runs (a forced collection also empties the arenas the batch reuses):
+/// then the heap is only abandoned, and the worker's collection at idle purges what it left.
 pub fn on_thread_stop() {
-    collect();
+    if BUSY.load(Ordering::Acquire) == 0 {
+        collect();
+    }
 }
 
 /// A backend that hands freed memory back when the worker says it is idle ([`Backend::idle`]):

@@ -52,6 +52,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(memory::on_runtime_park)
         .on_thread_stop(memory::on_thread_stop)
+        .thread_keep_alive(memory::BLOCKING_KEEP_ALIVE)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

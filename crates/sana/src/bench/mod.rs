@@ -150,7 +150,14 @@ impl BenchArgs {
         let threads = self
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let out = Command::new(python)
+        let mut command = Command::new(python);
+        // The reference runs with the user's environment, not the thread settings `sana` chose
+        // for itself.
+        for key in crate::DEFAULTED_ENV.get().into_iter().flatten() {
+            command.env_remove(key);
+        }
+        crate::memory::allow_huge_pages_in_child(&mut command);
+        let out = command
             .arg(&self.reference_script)
             .args(part_args)
             .args(["--warmup", &self.warmup.to_string()])
