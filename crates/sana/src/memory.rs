@@ -44,9 +44,10 @@ static THP_DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// Huge pages: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), so each first touch of a
 /// 2 MiB range makes all of it resident, and the kernel's khugepaged later refills ranges it had
 /// handed back. An idle server's memory then crept up by 2 MiB steps over a soak (84 → 98 MiB in
-/// 30 minutes, `tests/soak.sh 30 --seed 30`) although everything freed was returned. Without them
-/// the DiT's CPU forward was no slower (Sana-0.6B 1024², batch 2, f32: 14.9 s against 16.6 s with
-/// them, one `sana bench transformer` run each).
+/// 30 minutes, `tests/soak.py --minutes 30 --seed 30`) although everything freed was returned;
+/// without them the same soak held 66–69 MiB. The DiT's CPU forward took the same time within
+/// the noise (Sana-0.6B 1024², batch 2, f32, `sana bench transformer` on 2 AVX-512 cores: 16.6 s
+/// with them; 14.9 and 16.5 s without, in two runs).
 pub fn keep_freed_pages() {
     // SAFETY: plain option stores, done in main before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
