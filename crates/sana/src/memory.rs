@@ -41,9 +41,10 @@ static THP_DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// (milliseconds) in the environment says otherwise; and turns transparent huge pages off for
 /// the process unless `MIMALLOC_ALLOW_THP` says otherwise.
 ///
-/// Huge pages: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), so each first touch of a
-/// 2 MiB range makes all of it resident, and the kernel's khugepaged later refills ranges it had
-/// handed back. An idle server's memory then crept up by 2 MiB steps over a soak (84 → 98 MiB in
+/// Huge pages: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), so a first touch of a
+/// 2 MiB range can make all of it resident, and the kernel's khugepaged may fill whole ranges
+/// again after parts were handed back (which mimalloc then counts as purged; the cause was not
+/// pinned down further). An idle server's memory crept up by 2 MiB steps over a soak (84 → 98 MiB in
 /// 30 minutes, `tests/soak.py --minutes 30 --seed 30`) although everything freed was returned;
 /// without them the same soak held 66–69 MiB. The DiT's CPU forward took the same time within
 /// the noise (Sana-0.6B 1024², batch 2, f32, `sana bench transformer` on 2 AVX-512 cores: 16.6 s
