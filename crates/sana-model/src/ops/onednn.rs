@@ -535,15 +535,18 @@ impl CustomOp2 for OneDnnMatmul {
                 wl.shape()
             )
         }
+        if k == 0 {
+            candle_core::bail!("onednn-matmul: empty inner dimension");
+        }
         let (xo, wo) = (xl.start_offset(), wl.start_offset());
-        // f32 activations against bf16 weights: converted here, rows doubled when split.
+        // f32 activations against bf16 weights: converted here; when split, `[hi; lo]` rows.
         let converted;
-        let (a, w, src, rows): (*const c_void, *const c_void, c_int, usize) = match (xs, ws) {
+        let (a, w, src, split): (*const c_void, *const c_void, c_int, bool) = match (xs, ws) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_BF16,
-                m,
+                false,
             ),
             (CpuStorage::F32(x), CpuStorage::BF16(w)) => {
                 converted = to_bf16_rows(&x[xo..][..m * k], k, self.inputs);
@@ -551,20 +554,18 @@ impl CustomOp2 for OneDnnMatmul {
                     converted.as_ptr().cast(),
                     w[wo..][..n * k].as_ptr().cast(),
                     DT_BF16,
-                    converted.len() / k.max(1),
+                    self.inputs == Inputs::Split,
                 )
             }
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_F32,
-                m,
+                false,
             ),
             _ => candle_core::bail!("onednn-matmul: bf16 or f32 activations, bf16 or f32 weights"),
         };
-        if k == 0 {
-            candle_core::bail!("onednn-matmul: empty inner dimension");
-        }
+        let rows = if split { 2 * m } else { m };
         let dst = dtype_code(self.out_dtype)
             .ok_or_else(|| candle_core::Error::Msg("onednn-matmul: bf16 or f32 output".into()))?;
         let run = |out: *mut c_void| {
@@ -573,7 +574,7 @@ impl CustomOp2 for OneDnnMatmul {
             unsafe { dnn.matmul(a, w, out, (rows, k, n), src, dst) }
                 .map_err(|e| candle_core::Error::Msg(format!("onednn-matmul: {e}")))
         };
-        let out = match (self.out_dtype, rows == 2 * m && rows > 0) {
+        let out = match (self.out_dtype, split) {
             (DType::BF16, false) => CpuStorage::BF16(filled(rows * n, run)?),
             (DType::BF16, true) => {
                 candle_core::bail!("onednn-matmul: split inputs write f32")
