@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{as_f32, store_like};
+use super::{as_f32, store_like, vmath};
 
 /// Depthwise 2-D convolution, stride 1, zero padding `padding` on each side.
 ///
@@ -129,10 +129,6 @@ impl DepthwiseOp {
     }
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 /// One output plane: `out[oy, ox] = bias + Σ_{ky,kx} w[ky,kx] · in[oy+ky−p, ox+kx−p]`.
 /// Written as shifted row accumulations so the inner loop is a contiguous, vectorisable axpy.
 struct Plane {
@@ -165,10 +161,7 @@ impl Plane {
                         continue;
                     }
                     let src = &input[(iy - pad) * w + ix_lo..][..len];
-                    let dst = &mut out[oy * ow + ox_lo..][..len];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d += wv * s;
-                    }
+                    vmath::axpy(&mut out[oy * ow + ox_lo..][..len], wv, src);
                 }
             }
         }
@@ -220,14 +213,10 @@ impl CustomOp3 for DepthwiseOp {
                     let (n, j) = (i / half, i % half);
                     for (ch, dst) in [(j + half, gate.as_mut_slice()), (j, &mut *o)] {
                         let src = &input[(n * c + ch) * hw..][..hw];
-                        for (a, x) in act.iter_mut().zip(src) {
-                            *a = silu(x + pre_bias[ch]);
-                        }
+                        vmath::silu_add(act, src, pre_bias[ch]);
                         plane.conv(act, &weight[ch * kk..][..kk], dw_bias[ch], dst);
                     }
-                    for (v, g) in o.iter_mut().zip(gate.iter()) {
-                        *v *= silu(*g);
-                    }
+                    vmath::mul_silu_in_place(o, gate);
                 },
             );
         } else {
@@ -290,11 +279,7 @@ impl CustomOp3 for GluNhwcOp {
         let mut act = vec![0f32; input.len()];
         act.par_chunks_mut(c)
             .zip(input.par_chunks(c))
-            .for_each(|(a, x)| {
-                for ((a, x), pb) in a.iter_mut().zip(x).zip(pre_bias) {
-                    *a = silu(x + pb);
-                }
-            });
+            .for_each(|(a, x)| vmath::silu_bias(a, x, pre_bias));
         // 2. Taps as [K·K, C] so every tap is a contiguous axpy over channels.
         let taps: Vec<f32> = (0..k * k)
             .flat_map(|t| (0..c).map(move |ch| (t, ch)))
@@ -320,15 +305,11 @@ impl CustomOp3 for GluNhwcOp {
                             }
                             let src = &act[((n * h + iy - pad) * w + ix - pad) * c..][..c];
                             let tap = &taps[(ky * k + kx) * c..][..c];
-                            for ((z, s), t) in z.iter_mut().zip(src).zip(tap) {
-                                *z += t * s;
-                            }
+                            vmath::mul_add(z, tap, src);
                         }
                     }
                     let (value, gate) = z.split_at(half);
-                    for ((o, v), g) in o[ox * half..][..half].iter_mut().zip(value).zip(gate) {
-                        *o = v * silu(*g);
-                    }
+                    vmath::mul_silu(&mut o[ox * half..][..half], value, gate);
                 }
             },
         );

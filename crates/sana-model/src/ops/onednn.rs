@@ -124,36 +124,100 @@ struct OneDnn {
 unsafe impl Send for OneDnn {}
 unsafe impl Sync for OneDnn {}
 
-/// Which path CPU bf16 matmuls take, and why.
+/// How a CPU matmul of f32 activations by bf16 weights runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The weight widened to f32 for the call, candle's f32 gemm: f32 arithmetic.
+    Widened,
+    /// oneDNN, `x ≈ hi + lo` in two bf16 terms (16 bits of mantissa): f32 accuracy, twice the
+    /// bf16 multiplications.
+    Split,
+    /// oneDNN, `x` rounded to bf16 (8 bits of mantissa), as torch's bf16 does.
+    Rounded,
+}
+
+impl Path {
+    /// The oneDNN input form, `None` for the widened path.
+    fn inputs(self) -> Option<Inputs> {
+        match self {
+            Path::Widened => None,
+            Path::Split => Some(Inputs::Split),
+            Path::Rounded => Some(Inputs::Rounded),
+        }
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Widened => "widened to f32",
+            Path::Split => "split in two bf16 terms",
+            Path::Rounded => "rounded to bf16",
+        })
+    }
+}
+
+/// oneDNN as loaded, with a bf16 kernel for this CPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CpuBf16 {
-    /// oneDNN multiplies bf16 × bf16 in f32; `implementation` is its kernel name (e.g.
-    /// `brg:avx512_core_amx`); `inputs` how f32 activations become bf16.
-    OneDnn {
-        version: String,
-        implementation: String,
-        inputs: Inputs,
-    },
-    /// candle's path: operands widened to f32 per matmul.
-    Widened { reason: String },
+pub struct OneDnnKernel {
+    pub version: String,
+    /// The kernel it picked, e.g. `brg:avx512_core_amx`.
+    pub implementation: String,
+}
+
+/// Which paths CPU bf16 matmuls take, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuBf16 {
+    /// oneDNN with a bf16 kernel, or why it is not used (then every path is [`Path::Widened`]).
+    pub onednn: Result<OneDnnKernel, String>,
+    /// Outside the DiT's transformer blocks: Gemma, the caption projection, the embeddings and
+    /// output layer (a [`Path::Widened`] or [`Path::Split`] unless `SANA_ONEDNN=fast`).
+    pub exact: Path,
+    /// Inside the DiT's transformer blocks ([`in_dit_blocks`]): the bulk of every step.
+    pub blocks: Path,
+    /// Why these paths: `SANA_ONEDNN=…`, or the start-up probe's timings.
+    pub chosen_by: String,
 }
 
 impl CpuBf16 {
     /// Whether bf16 matmuls run on the CPU's matrix units (AMX tiles).
     pub fn on_amx(&self) -> bool {
-        matches!(self, CpuBf16::OneDnn { implementation, .. } if implementation.contains("amx"))
+        self.onednn
+            .as_ref()
+            .is_ok_and(|k| k.implementation.contains("amx"))
+    }
+
+    fn widened(reason: String) -> Self {
+        CpuBf16 {
+            onednn: Err(reason.clone()),
+            exact: Path::Widened,
+            blocks: Path::Widened,
+            chosen_by: reason,
+        }
     }
 }
 
 impl std::fmt::Display for CpuBf16 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CpuBf16::OneDnn {
-                version,
-                implementation,
-                inputs,
-            } => write!(f, "oneDNN {version} ({implementation}; {inputs})"),
-            CpuBf16::Widened { reason } => write!(f, "widened to f32 ({reason})"),
+        match &self.onednn {
+            Err(reason) => write!(f, "widened to f32 ({reason})"),
+            Ok(k) => {
+                write!(
+                    f,
+                    "oneDNN {} ({}); f32 activations ",
+                    k.version, k.implementation
+                )?;
+                if self.exact == self.blocks {
+                    write!(f, "{} everywhere", self.exact)?;
+                } else {
+                    write!(
+                        f,
+                        "{} in the DiT's blocks, {} elsewhere",
+                        self.blocks, self.exact
+                    )?;
+                }
+                write!(f, " ({})", self.chosen_by)
+            }
         }
     }
 }
@@ -161,70 +225,243 @@ impl std::fmt::Display for CpuBf16 {
 /// How f32 activations enter oneDNN's bf16 × bf16 kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inputs {
-    /// `x ≈ hi + lo`, two bf16 terms in one matmul of twice the rows (the default).
+    /// `x ≈ hi + lo`, two bf16 terms in one matmul of twice the rows.
     Split,
-    /// `x` rounded to bf16 (`SANA_ONEDNN=fast`): half the multiplications, 8 bits of mantissa.
+    /// `x` rounded to bf16: half the multiplications, 8 bits of mantissa.
     Rounded,
 }
 
-impl std::fmt::Display for Inputs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Inputs::Split => "f32 inputs split in two bf16 terms",
-            Inputs::Rounded => "f32 inputs rounded to bf16, SANA_ONEDNN=fast",
-        })
+/// `SANA_ONEDNN`: how the paths are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Unset or `auto`: the fastest by a probe at start-up (see [`Probe::choose`]).
+    Auto,
+    /// `off`: oneDNN is not loaded; everything widens.
+    Off,
+    /// `split`: split everywhere.
+    Split,
+    /// `mixed`: rounded in the DiT's blocks, split elsewhere.
+    Mixed,
+    /// `fast`: rounded everywhere.
+    Fast,
+}
+
+fn mode() -> Mode {
+    match std::env::var("SANA_ONEDNN").as_deref() {
+        Err(_) | Ok("" | "auto") => Mode::Auto,
+        Ok("0" | "off" | "false" | "no") => Mode::Off,
+        Ok("split") => Mode::Split,
+        Ok("mixed") => Mode::Mixed,
+        Ok("fast") => Mode::Fast,
+        Ok(other) => {
+            tracing::warn!(
+                "SANA_ONEDNN={other:?} is not one of auto, off, split, mixed, fast: using auto"
+            );
+            Mode::Auto
+        }
     }
+}
+
+/// Timings (ms, best of three) of one matmul of the DiT's size by each path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Probe {
+    widened: f64,
+    split: f64,
+    rounded: f64,
+}
+
+/// The probe's matmul: 512 rows (a quarter of a 1024² latent pair) by Sana-0.6B's width.
+const PROBE: (usize, usize, usize) = (512, 1152, 1152);
+
+impl Probe {
+    /// Outside the blocks, split when it beats the widened path by 10 % (the two are equally
+    /// accurate; widened is plain f32 arithmetic); in the blocks, rounded when it beats that by
+    /// 10 %. On AMX tiles bf16 runs many times f32's rate: split outside, rounded inside. On
+    /// AVX512-BF16 the bf16 kernels may be no faster than f32 (Intel's without AMX: one bf16
+    /// dot product per cycle against two f32 FMAs), and everything widens.
+    fn choose(&self) -> (Path, Path) {
+        let (exact, t) = if self.split < 0.9 * self.widened {
+            (Path::Split, self.split)
+        } else {
+            (Path::Widened, self.widened)
+        };
+        let blocks = if self.rounded < 0.9 * t {
+            Path::Rounded
+        } else {
+            exact
+        };
+        (exact, blocks)
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (m, k, n) = PROBE;
+        write!(
+            f,
+            "probe {m}×{k}×{n}: widened {:.1} ms, split {:.1}, rounded {:.1}",
+            self.widened, self.split, self.rounded
+        )
+    }
+}
+
+/// Times [`PROBE`] by each path on this CPU, as [`matmul_nt`] runs them.
+fn probe(dnn: &OneDnn) -> candle_core::Result<Probe> {
+    let (m, k, n) = PROBE;
+    let dev = candle_core::Device::Cpu;
+    // Deterministic values of the scale of normalised activations and trained weights.
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let w: Vec<half::bf16> = (0..n * k)
+        .map(|i| half::bf16::from_f32(((i * 104_729) % 2001) as f32 / 40_000.0 - 0.025))
+        .collect();
+    let xt = Tensor::from_slice(&x, (m, k), &dev)?;
+    let wt = Tensor::from_slice(&w, (n, k), &dev)?;
+    let best = |run: &mut dyn FnMut() -> candle_core::Result<()>| {
+        run()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            run()?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok::<_, candle_core::Error>(best)
+    };
+    Ok(Probe {
+        widened: best(&mut || widened_matmul_nt(&xt, &wt).map(drop))?,
+        split: best(&mut || f32_by_bf16(dnn, &x, &w, (m, k, n), Inputs::Split).map(drop))?,
+        rounded: best(&mut || f32_by_bf16(dnn, &x, &w, (m, k, n), Inputs::Rounded).map(drop))?,
+    })
 }
 
 static STATE: OnceLock<(Option<OneDnn>, CpuBf16)> = OnceLock::new();
 
 fn state() -> &'static (Option<OneDnn>, CpuBf16) {
-    STATE.get_or_init(|| match load() {
+    STATE.get_or_init(|| {
+        let mode = mode();
+        if mode == Mode::Off {
+            return (None, CpuBf16::widened("SANA_ONEDNN=off".into()));
+        }
+        let dnn = match load() {
+            Ok(dnn) => dnn,
+            Err(reason) => return (None, CpuBf16::widened(reason)),
+        };
         // Both kinds in use: bf16 → f32 (f32 activations) and bf16 → bf16.
-        Ok(dnn) => match dnn
+        let implementation = match dnn
             .probe(DT_BF16, DT_BF16)
             .and_then(|_| dnn.probe(DT_BF16, DT_F32))
         {
-            Ok(implementation) => {
-                let status = CpuBf16::OneDnn {
-                    version: dnn.version.clone(),
-                    implementation,
-                    inputs: if fast() {
-                        Inputs::Rounded
-                    } else {
-                        Inputs::Split
-                    },
-                };
-                (Some(dnn), status)
-            }
+            Ok(implementation) => implementation,
             Err(e) => {
                 let reason = format!(
                     "oneDNN {} has no bf16 matmul for this CPU: {e}",
                     dnn.version
                 );
-                (Some(dnn), CpuBf16::Widened { reason })
+                return (Some(dnn), CpuBf16::widened(reason));
             }
-        },
-        Err(reason) => (None, CpuBf16::Widened { reason }),
+        };
+        let (exact, blocks, chosen_by) = match mode {
+            Mode::Split => (Path::Split, Path::Split, "SANA_ONEDNN=split".into()),
+            Mode::Mixed => (Path::Split, Path::Rounded, "SANA_ONEDNN=mixed".into()),
+            Mode::Fast => (Path::Rounded, Path::Rounded, "SANA_ONEDNN=fast".into()),
+            Mode::Auto | Mode::Off => match probe(&dnn) {
+                Ok(p) => {
+                    let (exact, blocks) = p.choose();
+                    (exact, blocks, p.to_string())
+                }
+                Err(e) => (Path::Split, Path::Split, format!("probe failed: {e}")),
+            },
+        };
+        let status = CpuBf16 {
+            onednn: Ok(OneDnnKernel {
+                version: dnn.version.clone(),
+                implementation,
+            }),
+            exact,
+            blocks,
+            chosen_by,
+        };
+        (Some(dnn), status)
     })
 }
 
-/// Whether `SANA_ONEDNN=fast` asks for inputs rounded to bf16 ([`Inputs::Rounded`]).
-fn fast() -> bool {
-    std::env::var("SANA_ONEDNN").is_ok_and(|v| v == "fast")
-}
-
-/// The path CPU bf16 matmuls take (loads oneDNN on first use).
+/// The paths CPU bf16 matmuls take (loads oneDNN and probes it on first use).
 pub fn cpu_bf16() -> &'static CpuBf16 {
     &state().1
 }
 
-fn load() -> Result<OneDnn, String> {
-    if let Ok(v) = std::env::var("SANA_ONEDNN") {
-        if matches!(v.as_str(), "0" | "off" | "false" | "no") {
-            return Err("SANA_ONEDNN=off".into());
-        }
+#[derive(Debug, Clone, Copy)]
+struct Scope {
+    in_blocks: bool,
+    forced: Option<(Path, Path)>,
+}
+
+thread_local! {
+    static SCOPE: std::cell::Cell<Scope> = const {
+        std::cell::Cell::new(Scope { in_blocks: false, forced: None })
+    };
+}
+
+/// Puts the thread's scope back, also when `f` unwinds.
+struct Restore(Scope);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        SCOPE.with(|s| s.set(self.0));
     }
+}
+
+fn scoped<R>(change: impl FnOnce(Scope) -> Scope, f: impl FnOnce() -> R) -> R {
+    let prev = SCOPE.with(|s| {
+        let prev = s.get();
+        s.set(change(prev));
+        prev
+    });
+    let _restore = Restore(prev);
+    f()
+}
+
+/// Runs `f` as the DiT's transformer blocks: its CPU bf16 matmuls (on this thread) take
+/// [`CpuBf16::blocks`]' path.
+pub fn in_dit_blocks<R>(f: impl FnOnce() -> R) -> R {
+    scoped(
+        |s| Scope {
+            in_blocks: true,
+            ..s
+        },
+        f,
+    )
+}
+
+/// Runs `f` with these paths (outside and inside the DiT's blocks) instead of the chosen ones,
+/// on this thread: for tests and benchmarks. Without oneDNN's bf16 kernel every path widens.
+pub fn with_cpu_bf16_paths<R>(exact: Path, blocks: Path, f: impl FnOnce() -> R) -> R {
+    scoped(
+        |s| Scope {
+            forced: Some((exact, blocks)),
+            ..s
+        },
+        f,
+    )
+}
+
+/// The path of a CPU matmul of f32 activations by bf16 weights here, on this thread.
+pub fn current_path() -> Path {
+    let s = SCOPE.with(|s| s.get());
+    let status = cpu_bf16();
+    if status.onednn.is_err() {
+        return Path::Widened;
+    }
+    let (exact, blocks) = s.forced.unwrap_or((status.exact, status.blocks));
+    if s.in_blocks {
+        blocks
+    } else {
+        exact
+    }
+}
+
+fn load() -> Result<OneDnn, String> {
     let names = ["libdnnl.so.2", "libdnnl.so"];
     let lib = names
         .iter()
@@ -539,62 +776,88 @@ impl CustomOp2 for OneDnnMatmul {
             candle_core::bail!("onednn-matmul: empty inner dimension");
         }
         let (xo, wo) = (xl.start_offset(), wl.start_offset());
-        // f32 activations against bf16 weights: converted here; when split, `[hi; lo]` rows.
-        let converted;
-        let (a, w, src, split): (*const c_void, *const c_void, c_int, bool) = match (xs, ws) {
+        let (a, w, src): (*const c_void, *const c_void, c_int) = match (xs, ws) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_BF16,
-                false,
             ),
             (CpuStorage::F32(x), CpuStorage::BF16(w)) => {
-                converted = to_bf16_rows(&x[xo..][..m * k], k, self.inputs);
-                (
-                    converted.as_ptr().cast(),
-                    w[wo..][..n * k].as_ptr().cast(),
-                    DT_BF16,
-                    self.inputs == Inputs::Split,
-                )
+                // f32 activations against bf16 weights: converted as `inputs` says.
+                if self.out_dtype != DType::F32 {
+                    candle_core::bail!("onednn-matmul: f32 by bf16 writes f32")
+                }
+                let y = f32_by_bf16(
+                    dnn,
+                    &x[xo..][..m * k],
+                    &w[wo..][..n * k],
+                    (m, k, n),
+                    self.inputs,
+                )?;
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
             }
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (
                 x[xo..][..m * k].as_ptr().cast(),
                 w[wo..][..n * k].as_ptr().cast(),
                 DT_F32,
-                false,
             ),
             _ => candle_core::bail!("onednn-matmul: bf16 or f32 activations, bf16 or f32 weights"),
         };
-        let rows = if split { 2 * m } else { m };
         let dst = dtype_code(self.out_dtype)
             .ok_or_else(|| candle_core::Error::Msg("onednn-matmul: bf16 or f32 output".into()))?;
         let run = |out: *mut c_void| {
-            // SAFETY: `a` holds rows·k and `w` n·k elements of `src`; `out` has room for rows·n
-            // of the output dtype.
-            unsafe { dnn.matmul(a, w, out, (rows, k, n), src, dst) }
+            // SAFETY: `a` holds m·k and `w` n·k elements of `src`; `out` has room for m·n of the
+            // output dtype.
+            unsafe { dnn.matmul(a, w, out, (m, k, n), src, dst) }
                 .map_err(|e| candle_core::Error::Msg(format!("onednn-matmul: {e}")))
         };
-        let out = match (self.out_dtype, split) {
-            (DType::BF16, false) => CpuStorage::BF16(filled(rows * n, run)?),
-            (DType::BF16, true) => {
-                candle_core::bail!("onednn-matmul: split inputs write f32")
-            }
-            (_, false) => CpuStorage::F32(filled(rows * n, run)?),
-            (_, true) => {
-                // hi·wᵀ above lo·wᵀ: their sum is x·wᵀ.
-                use rayon::prelude::*;
-                let mut y: Vec<f32> = filled(rows * n, run)?;
-                let (hi, lo) = y.split_at_mut(m * n);
-                let chunk = ROWS_PER_TASK * n;
-                hi.par_chunks_mut(chunk)
-                    .zip(lo.par_chunks(chunk))
-                    .for_each(|(h, l)| h.iter_mut().zip(l).for_each(|(h, l)| *h += l));
-                y.truncate(m * n);
-                CpuStorage::F32(y)
-            }
+        let out = match self.out_dtype {
+            DType::BF16 => CpuStorage::BF16(filled(m * n, run)?),
+            _ => CpuStorage::F32(filled(m * n, run)?),
         };
         Ok((out, Shape::from((m, n))))
     }
+}
+
+/// `x[M, K] · w[N, K]ᵀ` in f32 for f32 `x` and bf16 `w`: `x` converted to bf16 rows as
+/// `inputs` says; when split, one matmul of `[hi; lo]` (2M rows) whose halves are summed.
+fn f32_by_bf16(
+    dnn: &OneDnn,
+    x: &[f32],
+    w: &[half::bf16],
+    (m, k, n): (usize, usize, usize),
+    inputs: Inputs,
+) -> candle_core::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    if k == 0 {
+        candle_core::bail!("onednn-matmul: empty inner dimension");
+    }
+    let converted = to_bf16_rows(&x[..m * k], k, inputs);
+    let rows = if inputs == Inputs::Split { 2 * m } else { m };
+    let mut y: Vec<f32> = filled(rows * n, |out| {
+        // SAFETY: `converted` holds rows·k and `w` n·k bf16 values; `out` room for rows·n f32.
+        unsafe {
+            dnn.matmul(
+                converted.as_ptr().cast(),
+                w[..n * k].as_ptr().cast(),
+                out,
+                (rows, k, n),
+                DT_BF16,
+                DT_F32,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("onednn-matmul: {e}")))
+    })?;
+    if inputs == Inputs::Split {
+        // hi·wᵀ above lo·wᵀ: their sum is x·wᵀ.
+        let (hi, lo) = y.split_at_mut(m * n);
+        let chunk = ROWS_PER_TASK * n;
+        hi.par_chunks_mut(chunk)
+            .zip(lo.par_chunks(chunk))
+            .for_each(|(h, l)| h.iter_mut().zip(l).for_each(|(h, l)| *h += l));
+        y.truncate(m * n);
+    }
+    Ok(y)
 }
 
 /// `x[M, K] · w[N, K]ᵀ` (PyTorch's `linear` without bias) in x's dtype. CPU bf16 goes through
@@ -603,24 +866,25 @@ impl CustomOp2 for OneDnnMatmul {
 /// Mixed precision (f32 `x`, bf16 `w`, the CPU's bf16 mode): oneDNN takes `x` as [`Inputs`] says
 /// and writes f32; without it the weight is widened to f32 for the call. The result is f32.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if let CpuBf16::OneDnn { inputs, .. } = cpu_bf16() {
-        if matmul_nt_on_onednn(x, w) {
-            let op = OneDnnMatmul {
-                out_dtype: x.dtype(),
-                inputs: *inputs,
-            };
-            match x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op) {
-                Ok(y) => return Ok(y),
-                // A shape oneDNN refuses takes the widened path (logged once).
-                Err(e) => {
-                    static LOGGED: std::sync::Once = std::sync::Once::new();
-                    LOGGED.call_once(|| {
-                        tracing::warn!("oneDNN matmul failed, widening instead: {e}")
-                    });
-                }
+    if let Some(inputs) = onednn_inputs(x, w) {
+        let op = OneDnnMatmul {
+            out_dtype: x.dtype(),
+            inputs,
+        };
+        match x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op) {
+            Ok(y) => return Ok(y),
+            // A shape oneDNN refuses takes the widened path (logged once).
+            Err(e) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| tracing::warn!("oneDNN matmul failed, widening instead: {e}"));
             }
         }
     }
+    widened_matmul_nt(x, w)
+}
+
+/// candle's path: a bf16 weight under f32 activations is widened to f32 for the call.
+fn widened_matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.dtype() != w.dtype() {
         let dtype = if x.dtype() == DType::F32 {
             DType::F32
@@ -632,13 +896,24 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-/// Whether [`matmul_nt`] of these operands runs on oneDNN (CPU, bf16 weights, oneDNN with a bf16
-/// kernel).
+/// How oneDNN takes `x` in [`matmul_nt`] here (on this thread, see [`in_dit_blocks`]); `None`
+/// for candle's path.
+fn onednn_inputs(x: &Tensor, w: &Tensor) -> Option<Inputs> {
+    if !x.device().is_cpu() || w.dtype() != DType::BF16 || cpu_bf16().onednn.is_err() {
+        return None;
+    }
+    match x.dtype() {
+        // Already bf16: nothing to split or round.
+        DType::BF16 => Some(Inputs::Rounded),
+        DType::F32 => current_path().inputs(),
+        _ => None,
+    }
+}
+
+/// Whether [`matmul_nt`] of these operands runs on oneDNN (CPU, bf16 weights, a oneDNN bf16
+/// kernel, and for f32 activations a oneDNN path here).
 pub fn matmul_nt_on_onednn(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu()
-        && matches!(x.dtype(), DType::BF16 | DType::F32)
-        && w.dtype() == DType::BF16
-        && matches!(cpu_bf16(), CpuBf16::OneDnn { .. })
+    onednn_inputs(x, w).is_some()
 }
 
 /// [`matmul_nt`] forced through oneDNN (any dtype it takes: f32, bf16) with `out_dtype`, for
@@ -729,8 +1004,7 @@ mod tests {
 
     /// Whether oneDNN is loaded with a bf16 kernel for this CPU.
     fn has_bf16_kernel() -> bool {
-        onednn_loaded()
-            && !matches!(cpu_bf16(), CpuBf16::Widened { reason } if reason.contains("no bf16 matmul"))
+        cpu_bf16().onednn.is_ok()
     }
 
     /// f32 activations × bf16 weights (the CPU's bf16 mode): split into two bf16 terms, oneDNN
@@ -780,5 +1054,86 @@ mod tests {
             .to_vec1()?;
         assert!(y[0].is_nan() && y[1] == 5.0 && !y[2].is_finite(), "{y:?}");
         Ok(())
+    }
+
+    /// The probe's rule on the three kinds of CPU it was written for.
+    #[test]
+    fn probe_choices() {
+        let p = |widened, split, rounded| Probe {
+            widened,
+            split,
+            rounded,
+        };
+        // AMX tiles: bf16 many times f32's rate.
+        assert_eq!(p(10.0, 3.0, 1.6).choose(), (Path::Split, Path::Rounded));
+        // AVX512-BF16 at twice f32's rate (AMD Zen 4): split about f32's speed, rounded faster.
+        assert_eq!(p(10.0, 10.5, 5.5).choose(), (Path::Widened, Path::Rounded));
+        // AVX512-BF16 no faster than f32 (Intel without AMX): everything widens.
+        assert_eq!(p(4.6, 10.7, 5.2).choose(), (Path::Widened, Path::Widened));
+        // Within 10 %: the more accurate path.
+        assert_eq!(p(10.0, 9.5, 9.2).choose(), (Path::Widened, Path::Widened));
+    }
+
+    /// The blocks' scope and forced paths apply on this thread only, nest, and are undone on
+    /// return and on unwinding.
+    #[test]
+    fn paths_follow_the_scope() {
+        let widen_all = cpu_bf16().onednn.is_err();
+        let path = |p: Path| if widen_all { Path::Widened } else { p };
+        with_cpu_bf16_paths(Path::Split, Path::Rounded, || {
+            assert_eq!(current_path(), path(Path::Split));
+            in_dit_blocks(|| {
+                assert_eq!(current_path(), path(Path::Rounded));
+                with_cpu_bf16_paths(Path::Widened, Path::Split, || {
+                    assert_eq!(current_path(), path(Path::Split))
+                });
+                assert_eq!(current_path(), path(Path::Rounded));
+                // Another thread has its own scope.
+                let other = std::thread::spawn(current_path).join().unwrap();
+                assert_eq!(other, cpu_bf16().exact);
+            });
+            let unwound = std::panic::catch_unwind(|| in_dit_blocks(|| panic!("unwinds")));
+            assert!(unwound.is_err());
+            assert_eq!(current_path(), path(Path::Split));
+        });
+        assert_eq!(current_path(), cpu_bf16().exact);
+    }
+
+    /// `matmul_nt` of f32 by bf16 takes the path in scope: the same values as the op forced
+    /// to that form, and the widened path's values when widened.
+    #[test]
+    fn matmul_nt_takes_the_path_in_scope() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (70, 256), &dev)?;
+        let w = Tensor::randn(0f32, 1., (48, 256), &dev)?.to_dtype(DType::BF16)?;
+        let widened = x.matmul(&w.to_dtype(DType::F32)?.t()?)?;
+        for path in [Path::Widened, Path::Split, Path::Rounded] {
+            let got = with_cpu_bf16_paths(Path::Widened, path, || {
+                assert!(!matmul_nt_on_onednn(&x, &w));
+                in_dit_blocks(|| matmul_nt(&x, &w))
+            })?;
+            let want = match path.inputs() {
+                Some(inputs) if has_bf16_kernel() => onednn_matmul_nt(&x, &w, DType::F32, inputs)?,
+                _ => widened.clone(),
+            };
+            let (d, _) = sana_testing::max_abs_diff(&got, &want);
+            assert_eq!(d, 0.0, "{path}: differs from its own path by {d}");
+        }
+        Ok(())
+    }
+
+    /// The status says which paths run and why.
+    #[test]
+    fn status_names_the_paths() {
+        let s = cpu_bf16().to_string();
+        match &cpu_bf16().onednn {
+            Err(reason) => assert!(s.contains(reason.as_str()), "{s}"),
+            Ok(k) => {
+                assert!(s.contains(&k.implementation), "{s}");
+                assert!(s.contains(&cpu_bf16().chosen_by), "{s}");
+                assert!(s.contains(&cpu_bf16().blocks.to_string()), "{s}");
+            }
+        }
+        eprintln!("CPU bf16 matmuls: {s}");
     }
 }

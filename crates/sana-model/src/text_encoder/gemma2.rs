@@ -110,7 +110,7 @@ impl Gemma2Mlp {
 
 impl Module for Gemma2Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.gelu()?;
+        let gate = crate::ops::gelu_tanh(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
@@ -234,7 +234,7 @@ impl Gemma2Attention {
                 .broadcast_add(mask)?
                 .reshape((b, self.kv_heads, groups * s, kl))?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_dtype(v_all.dtype())?;
+        let probs = crate::ops::softmax_last_dim(&logits)?.to_dtype(v_all.dtype())?;
         let out = probs.matmul(&v_all)?; // [B, kv, G·S, hd]
         let out = out
             .reshape((b, self.heads, s, hd))?

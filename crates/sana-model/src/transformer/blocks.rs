@@ -233,7 +233,7 @@ impl CrossAttention {
                 if let Some(bias) = &item.bias {
                     logits = logits.broadcast_add(bias)?;
                 }
-                candle_nn::ops::softmax_last_dim(&logits)?.matmul(&item.v) // [1, h, N, hd]
+                crate::ops::softmax_last_dim(&logits)?.matmul(&item.v) // [1, h, N, hd]
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let out = Tensor::cat(&outs, 0)? // [B, h, N, hd]
@@ -321,6 +321,18 @@ impl SanaTransformerBlock {
     }
 
     pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        caption: &[ItemCaption],
+        t6: &Tensor,
+        (h, w): (usize, usize),
+        ctx: &BlockContext,
+    ) -> candle_core::Result<Tensor> {
+        // CPU bf16: the blocks' matmuls take the blocks' path (see `ops::in_dit_blocks`).
+        crate::ops::in_dit_blocks(|| self.forward_in_scope(x, caption, t6, (h, w), ctx))
+    }
+
+    fn forward_in_scope(
         &self,
         x: &Tensor,
         caption: &[ItemCaption],

@@ -363,7 +363,7 @@ impl SanaTransformer2DModel {
             let y = y.to_dtype(self.dtype)?;
             let y = lora
                 .apply_row(site::CAPTION_1, i, &y, self.caption_1.forward(&y)?)?
-                .gelu()?;
+                .apply(&crate::ops::gelu_tanh)?;
             let y = lora.apply_row(site::CAPTION_2, i, &y, self.caption_2.forward(&y)?)?;
             let y = match &self.caption_norm {
                 Some(norm) => norm.forward(&y)?,
