@@ -15,7 +15,10 @@
 //! * [`linear_attention`]: the ReLU linear attention core on CPU in one pass over q, k, v.
 //!
 //! * [`matmul_nt`]: `x · wᵀ` (PyTorch's `linear`); bf16 on the CPU through oneDNN's AMX /
-//!   AVX512-BF16 kernels when it is installed (see `onednn.rs`), candle's matmul otherwise.
+//!   AVX512-BF16 kernels when it is installed and faster here (see `onednn.rs`), candle's matmul
+//!   otherwise.
+//! * [`softmax_last_dim`], [`gelu_tanh`]: f32 on the CPU with `vmath`'s vectorised `exp` (which
+//!   the SiLUs of the depthwise ops use too), candle's ops elsewhere.
 //!
 //! And the DC-AE's CPU-only algorithms (used when the tensors are f32 on the CPU; other devices
 //! and dtypes use candle's ops): `im2col` (banded im2col + gemm convolutions), `winograd`

@@ -9,15 +9,17 @@
 //! the binary runs without it: when it is missing, too old or new, switched off
 //! (`SANA_ONEDNN=off`), or has no bf16 kernel for this CPU (oneDNN 2.x needs AVX-512; force a
 //! lesser ISA with oneDNN's own `ONEDNN_MAX_CPU_ISA`, e.g. `AVX2`), [`matmul_nt`] takes candle's
-//! widening path and gives the same values up to rounding. [`cpu_bf16`] says which path runs, and
-//! why.
+//! widening path and gives the same values up to rounding.
 //!
-//! The model's activations are f32 and its kernels take bf16 on both sides. Rounding each input to
-//! bf16 (`SANA_ONEDNN=fast`, what torch's bf16 does) put the tiny pipelines 9/255 off the f32
-//! reference end to end on AVX512-BF16 (the bar is 8/255). By default the input is split in two
-//! bf16 terms, `x ≈ hi + lo` with `hi = bf16(x)` and `lo = bf16(x − hi)` (16 bits of mantissa),
-//! stacked into one matmul of twice the rows whose halves are summed: twice the multiplications,
-//! the widened path's accuracy.
+//! The model's activations are f32 and oneDNN's kernels take bf16 on both sides: an input is
+//! either split in two bf16 terms, `x ≈ hi + lo` with `hi = bf16(x)` and `lo = bf16(x − hi)` (16
+//! bits of mantissa, stacked into one matmul of twice the rows whose halves are summed), or
+//! rounded to bf16 (what torch's bf16 does; rounded everywhere, `SANA_ONEDNN=fast`, put the tiny
+//! pipelines 9/255 off the f32 reference, past the 8/255 bar). Which [`Path`] is fastest depends
+//! on the CPU (AMX: bf16 many times f32's rate; Intel's AVX512-BF16 without AMX: slower than f32),
+//! so a probe at first use times each path on one matmul of the DiT's size and picks, outside the
+//! DiT's blocks, split or widened (both f32-accurate), and inside them ([`in_dit_blocks`]) rounded
+//! when that is faster still. [`cpu_bf16`] says which paths run, and why.
 //!
 //! ISAs with "initial support" in a oneDNN release stay off unless asked for (its dispatcher docs),
 //! which may include AMX in 2.x; unless `ONEDNN_MAX_CPU_ISA` is set, we raise the ceiling to
