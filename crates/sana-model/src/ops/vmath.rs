@@ -204,32 +204,13 @@ dispatch! {
 /// (chunks over rayon's threads), everything else by candle.
 pub fn gelu_tanh(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+        x.contiguous()?.apply_op1_no_bwd(&Rows {
+            name: "gelu-tanh",
+            len: 1,
+            f: |x, _| gelu_tanh_in_place(x),
+        })
     } else {
         x.gelu()
-    }
-}
-
-struct GeluTanh;
-
-impl candle_core::CustomOp1 for GeluTanh {
-    fn name(&self) -> &'static str {
-        "gelu-tanh"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu-tanh: contiguous f32 only")
-        };
-        let mut out = v[start..end].to_vec();
-        out.par_chunks_mut(16_384).for_each(gelu_tanh_in_place);
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
@@ -237,17 +218,28 @@ impl candle_core::CustomOp1 for GeluTanh {
 /// rayon's threads), everything else through candle's `softmax_last_dim`.
 pub fn softmax_last_dim(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() > 0 {
-        x.contiguous()?.apply_op1_no_bwd(&Softmax)
+        let len = x.dim(candle_core::D::Minus1)?;
+        x.contiguous()?.apply_op1_no_bwd(&Rows {
+            name: "softmax-last-dim",
+            len,
+            f: softmax_rows,
+        })
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
 }
 
-struct Softmax;
+/// A CPU op on a contiguous f32 tensor: a copy of it, `f(rows, len)` on runs of whole rows of
+/// `len` values (about 16k values each) over rayon's threads.
+struct Rows {
+    name: &'static str,
+    len: usize,
+    f: fn(&mut [f32], usize),
+}
 
-impl candle_core::CustomOp1 for Softmax {
+impl candle_core::CustomOp1 for Rows {
     fn name(&self) -> &'static str {
-        "softmax-last-dim"
+        self.name
     }
 
     fn cpu_fwd(
@@ -258,15 +250,12 @@ impl candle_core::CustomOp1 for Softmax {
         use rayon::prelude::*;
         let (candle_core::CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets())
         else {
-            candle_core::bail!("softmax-last-dim: contiguous f32 only")
+            candle_core::bail!("{}: contiguous f32 only", self.name)
         };
-        let len = l.dims().last().copied().unwrap_or(1);
         let mut out = v[start..end].to_vec();
-        // About 16k values per task.
-        if let Some(rows) = 16_384usize.checked_div(len) {
-            out.par_chunks_mut(rows.max(1) * len)
-                .for_each(|c| softmax_rows(c, len));
-        }
+        let rows = 16_384usize.checked_div(self.len).unwrap_or(1).max(1);
+        out.par_chunks_mut((rows * self.len).max(1))
+            .for_each(|c| (self.f)(c, self.len));
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -376,6 +365,8 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(d < 1e-6, "max difference {d}");
+        let empty = candle_core::Tensor::zeros((3, 0), candle_core::DType::F32, &dev)?;
+        assert_eq!(softmax_last_dim(&empty)?.dims(), [3, 0]);
         Ok(())
     }
 
