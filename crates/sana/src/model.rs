@@ -169,8 +169,9 @@ pub fn cpu_auto_precision(device: &Device) -> Option<Precision> {
     if !device.is_cpu() {
         return None;
     }
-    let path = sana_model::ops::cpu_bf16_status();
-    if path.on_amx() {
+    // Only the kernel is asked for: the probe of the matmul paths runs when bf16 is in use.
+    let kernel = sana_model::ops::onednn_kernel();
+    if kernel.as_ref().is_ok_and(|k| k.on_amx()) {
         tracing::info!(
             "--dtype auto on this CPU: bf16, its AMX tiles reached (--dtype f32 to opt out)"
         );
@@ -180,9 +181,13 @@ pub fn cpu_auto_precision(device: &Device) -> Option<Precision> {
             vae: DType::BF16,
         })
     } else {
+        let why = match kernel {
+            Ok(k) => format!("{k}, not AMX tiles"),
+            Err(reason) => format!("no oneDNN bf16 kernel: {reason}"),
+        };
         tracing::info!(
-            "--dtype auto on this CPU: f32 (CPU bf16 matmuls: {path}; --dtype bf16 halves the \
-             weights' memory at about f32 speed)"
+            "--dtype auto on this CPU: f32 ({why}; --dtype bf16 halves the weights' memory, its \
+             matmuls by the fastest path a start-up probe finds)"
         );
         None
     }

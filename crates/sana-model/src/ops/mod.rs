@@ -44,8 +44,8 @@ pub(crate) use im2col::CpuConv;
 pub use linear_attention::{linear_attention, linear_attention_tensor_ops};
 pub use onednn::{
     cpu_bf16 as cpu_bf16_status, current_path as cpu_bf16_path, in_dit_blocks, matmul_nt,
-    matmul_nt_on_onednn, onednn_loaded, onednn_matmul_nt, with_cpu_bf16_paths, CpuBf16,
-    Inputs as CpuBf16Inputs, OneDnnKernel, Path as CpuBf16Path,
+    matmul_nt_on_onednn, onednn_kernel, onednn_loaded, onednn_matmul_nt, with_cpu_bf16_paths,
+    CpuBf16, Inputs as CpuBf16Inputs, OneDnnKernel, Path as CpuBf16Path,
 };
 pub(crate) use rms_norm::CpuRmsNorm;
 pub use vmath::{gelu_tanh, softmax_last_dim};

@@ -181,12 +181,23 @@ pub struct CpuBf16 {
     pub chosen_by: String,
 }
 
+impl OneDnnKernel {
+    /// Whether the kernel runs on the CPU's matrix units (AMX tiles).
+    pub fn on_amx(&self) -> bool {
+        self.implementation.contains("amx")
+    }
+}
+
+impl std::fmt::Display for OneDnnKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "oneDNN {} ({})", self.version, self.implementation)
+    }
+}
+
 impl CpuBf16 {
     /// Whether bf16 matmuls run on the CPU's matrix units (AMX tiles).
     pub fn on_amx(&self) -> bool {
-        self.onednn
-            .as_ref()
-            .is_ok_and(|k| k.implementation.contains("amx"))
+        self.onednn.as_ref().is_ok_and(OneDnnKernel::on_amx)
     }
 
     fn widened(reason: String) -> Self {
@@ -337,37 +348,59 @@ fn probe(dnn: &OneDnn) -> candle_core::Result<Probe> {
     })
 }
 
-static STATE: OnceLock<(Option<OneDnn>, CpuBf16)> = OnceLock::new();
+static LIB: OnceLock<(Option<OneDnn>, Result<OneDnnKernel, String>)> = OnceLock::new();
 
-fn state() -> &'static (Option<OneDnn>, CpuBf16) {
-    STATE.get_or_init(|| {
-        let mode = mode();
-        if mode == Mode::Off {
-            return (None, CpuBf16::widened("SANA_ONEDNN=off".into()));
+/// oneDNN loaded, and its bf16 kernel for this CPU or why there is none (no timing).
+fn lib() -> &'static (Option<OneDnn>, Result<OneDnnKernel, String>) {
+    LIB.get_or_init(|| {
+        if mode() == Mode::Off {
+            return (None, Err("SANA_ONEDNN=off".into()));
         }
         let dnn = match load() {
             Ok(dnn) => dnn,
-            Err(reason) => return (None, CpuBf16::widened(reason)),
+            Err(reason) => return (None, Err(reason)),
         };
         // Both kinds in use: bf16 → f32 (f32 activations) and bf16 → bf16.
-        let implementation = match dnn
+        let kernel = dnn
             .probe(DT_BF16, DT_BF16)
             .and_then(|_| dnn.probe(DT_BF16, DT_F32))
-        {
-            Ok(implementation) => implementation,
-            Err(e) => {
-                let reason = format!(
+            .map(|implementation| OneDnnKernel {
+                version: dnn.version.clone(),
+                implementation,
+            })
+            .map_err(|e| {
+                format!(
                     "oneDNN {} has no bf16 matmul for this CPU: {e}",
                     dnn.version
-                );
-                return (Some(dnn), CpuBf16::widened(reason));
-            }
+                )
+            });
+        (Some(dnn), kernel)
+    })
+}
+
+/// oneDNN's bf16 kernel for this CPU, or why CPU bf16 matmuls widen; loads oneDNN on first use
+/// but does not run the probe (for `--dtype auto`, which only asks whether it is on AMX).
+pub fn onednn_kernel() -> &'static Result<OneDnnKernel, String> {
+    &lib().1
+}
+
+static STATUS: OnceLock<CpuBf16> = OnceLock::new();
+
+/// The paths CPU bf16 matmuls take: loads oneDNN and, unless `SANA_ONEDNN` names the paths,
+/// runs the probe, on first use (the first matmul of bf16 weights on the CPU, or a caller
+/// that reports it).
+pub fn cpu_bf16() -> &'static CpuBf16 {
+    STATUS.get_or_init(|| {
+        let (dnn, kernel) = match lib() {
+            (Some(dnn), Ok(kernel)) => (dnn, kernel),
+            (_, Err(reason)) => return CpuBf16::widened(reason.clone()),
+            (None, Ok(_)) => unreachable!("a kernel is only found in a loaded oneDNN"),
         };
-        let (exact, blocks, chosen_by) = match mode {
+        let (exact, blocks, chosen_by) = match mode() {
             Mode::Split => (Path::Split, Path::Split, "SANA_ONEDNN=split".into()),
             Mode::Mixed => (Path::Split, Path::Rounded, "SANA_ONEDNN=mixed".into()),
             Mode::Fast => (Path::Rounded, Path::Rounded, "SANA_ONEDNN=fast".into()),
-            Mode::Auto | Mode::Off => match probe(&dnn) {
+            Mode::Auto | Mode::Off => match probe(dnn) {
                 Ok(p) => {
                     let (exact, blocks) = p.choose();
                     (exact, blocks, p.to_string())
@@ -375,22 +408,13 @@ fn state() -> &'static (Option<OneDnn>, CpuBf16) {
                 Err(e) => (Path::Split, Path::Split, format!("probe failed: {e}")),
             },
         };
-        let status = CpuBf16 {
-            onednn: Ok(OneDnnKernel {
-                version: dnn.version.clone(),
-                implementation,
-            }),
+        CpuBf16 {
+            onednn: Ok(kernel.clone()),
             exact,
             blocks,
             chosen_by,
-        };
-        (Some(dnn), status)
+        }
     })
-}
-
-/// The paths CPU bf16 matmuls take (loads oneDNN and probes it on first use).
-pub fn cpu_bf16() -> &'static CpuBf16 {
-    &state().1
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -762,7 +786,7 @@ impl CustomOp2 for OneDnnMatmul {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dnn = state()
+        let dnn = lib()
             .0
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg(format!("onednn-matmul: {}", cpu_bf16())))?;
@@ -933,7 +957,7 @@ pub fn onednn_matmul_nt(
 
 /// Whether oneDNN is loaded at all (whatever its bf16 support).
 pub fn onednn_loaded() -> bool {
-    state().0.is_some()
+    lib().0.is_some()
 }
 
 #[cfg(test)]
