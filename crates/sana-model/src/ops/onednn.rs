@@ -215,11 +215,7 @@ impl std::fmt::Display for CpuBf16 {
         match &self.onednn {
             Err(reason) => write!(f, "widened to f32 ({reason})"),
             Ok(k) => {
-                write!(
-                    f,
-                    "oneDNN {} ({}); f32 activations ",
-                    k.version, k.implementation
-                )?;
+                write!(f, "{k}; f32 activations ")?;
                 if self.exact == self.blocks {
                     write!(f, "{} everywhere", self.exact)?;
                 } else {
@@ -259,7 +255,13 @@ enum Mode {
     Fast,
 }
 
+/// `SANA_ONEDNN`, read (and an unknown value warned of) once.
 fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(read_mode)
+}
+
+fn read_mode() -> Mode {
     match std::env::var("SANA_ONEDNN").as_deref() {
         Err(_) | Ok("" | "auto") => Mode::Auto,
         Ok("0" | "off" | "false" | "no") => Mode::Off,
@@ -394,7 +396,8 @@ pub fn cpu_bf16() -> &'static CpuBf16 {
         let (dnn, kernel) = match lib() {
             (Some(dnn), Ok(kernel)) => (dnn, kernel),
             (_, Err(reason)) => return CpuBf16::widened(reason.clone()),
-            (None, Ok(_)) => unreachable!("a kernel is only found in a loaded oneDNN"),
+            // `lib` finds a kernel only in a loaded oneDNN.
+            (None, Ok(_)) => return CpuBf16::widened("oneDNN not loaded".into()),
         };
         let (exact, blocks, chosen_by) = match mode() {
             Mode::Split => (Path::Split, Path::Split, "SANA_ONEDNN=split".into()),
